@@ -1,0 +1,28 @@
+"""Readable config errors: each names the key, what is wrong, and what the schema allows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def config_errors(config: dict, schema_path: str | Path) -> list[str]:
+    """Every schema violation in ``config`` as one line naming the dotted key."""
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    lines = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
+        key = ".".join(str(p) for p in error.absolute_path)
+        if error.validator == "additionalProperties":
+            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            for name in extra:
+                full = f"{key}.{name}" if key else name
+                known = ", ".join(sorted(error.schema.get("properties", {})))
+                lines.append(f"config key '{full}' is unknown (known here: {known})")
+            continue
+        hint = error.schema.get("description", "")
+        lines.append(f"config key '{key}': {error.message}" + (f" ({hint})" if hint else ""))
+    return lines

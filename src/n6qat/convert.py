@@ -1,0 +1,379 @@
+"""Full-INT8 post-training conversion of a Keras model to TFLite, and checks on the result.
+
+The converter path is Keras `model.export` (a SavedModel with a batch-1 signature) then
+`tf.lite.TFLiteConverter.from_saved_model`: it freezes the Keras 3 variables, folds
+BatchNormalization with its moving statistics, and gives the converted model a static
+input shape [1, ...] as the NPU wants. TensorFlow and LiteRT are imported inside the
+functions that need them so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from n6qat.errors import N6QATError
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+IO_DTYPES = ("float32", "int8")
+# Keys of the .npz given to `stedgeai validate --valinput`: the tool's own dump
+# (network_val_io.npz) names arrays m_inputs_<k> / m_outputs_<k> / c_outputs_<k>, k from 1.
+VALIDATION_INPUT_KEY = "m_inputs_1"
+VALIDATION_OUTPUT_KEY = "m_outputs_1"
+
+
+def select_representative(
+    labels: np.ndarray, energies: np.ndarray, n: int, energy_threshold: float, seed: int
+) -> np.ndarray:
+    """Sorted indices of up to `n` calibration chunks, the same share from every class.
+
+    Chunks with energy below `energy_threshold` (near silence) are skipped. Each label
+    (with -1, negatives/noise, as one more stratum) gets an equal quota so that rare
+    classes still shape the activation ranges; quota a stratum cannot fill passes to the
+    others. The same seed gives the same indices.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    energies = np.asarray(energies, dtype=np.float64).reshape(-1)
+    if labels.shape != energies.shape:
+        raise N6QATError(
+            f"calibration selection got {labels.size} labels but {energies.size} energies; "
+            "they must describe the same chunks"
+        )
+    if n < 1:
+        raise N6QATError(f"convert.calibration_size must be at least 1, got {n}")
+    eligible = np.flatnonzero(np.isfinite(energies) & (energies >= energy_threshold))
+    if eligible.size == 0:
+        loudest = float(np.nanmax(energies)) if np.isfinite(energies).any() else float("nan")
+        raise N6QATError(
+            f"no chunk reaches convert.calibration_energy_threshold={energy_threshold:g} "
+            f"(loudest chunk: {loudest:g} over {energies.size} chunks); lower the threshold"
+        )
+    if eligible.size <= n:
+        return eligible
+    rng = np.random.default_rng(seed)
+    strata = [rng.permutation(eligible[labels[eligible] == c]) for c in np.unique(labels[eligible])]
+    quotas = _equal_quotas([len(s) for s in strata], n)
+    return np.sort(np.concatenate([s[:q] for s, q in zip(strata, quotas, strict=True)]))
+
+
+def _equal_quotas(sizes: list[int], n: int) -> list[int]:
+    """Split n across strata as evenly as their sizes allow (sum(sizes) > n)."""
+    quotas = [0] * len(sizes)
+    left = n
+    while left > 0:
+        open_ = [i for i, size in enumerate(sizes) if quotas[i] < size]
+        share, extra = divmod(left, len(open_))
+        for rank, i in enumerate(open_):
+            take = min(sizes[i] - quotas[i], share + (rank < extra))
+            quotas[i] += take
+            left -= take
+    return quotas
+
+
+def convert_int8(
+    model: keras.Model,
+    representative: np.ndarray,
+    per_channel: bool = True,
+    io_dtype: str = "float32",
+    batch_size: int = 1,
+) -> bytes:
+    """Convert to a full-INT8 .tflite (TFLITE_BUILTINS_INT8 only, no float fallback).
+
+    `representative` holds calibration inputs shaped like the model input without the
+    batch axis. io_dtype "int8" makes the model's input/output int8 too (the NPU then
+    needs no CPU QUANTIZE/DEQUANTIZE, but the caller must quantize its data).
+    `per_channel=False` gives per-tensor weight scales.
+    """
+    import tensorflow as tf
+
+    name = getattr(model, "name", "model")
+    if io_dtype not in IO_DTYPES:
+        raise N6QATError(
+            f"io_dtype must be one of {IO_DTYPES} for model '{name}', got {io_dtype!r}"
+        )
+    if batch_size < 1:
+        raise N6QATError(f"batch_size must be at least 1 for model '{name}', got {batch_size}")
+    input_shape = _single_input_shape(model)
+    samples = _checked_representative(name, representative, input_shape, batch_size)
+    spec = tf.TensorSpec((batch_size, *input_shape), tf.float32, name="input")
+
+    def calibration_batches() -> Iterator[list[np.ndarray]]:
+        for start in range(0, len(samples) - batch_size + 1, batch_size):
+            yield [samples[start : start + batch_size]]
+
+    with tempfile.TemporaryDirectory(prefix="n6qat_export_") as export_dir:
+        with _native_stderr_captured() as captured:
+            try:
+                model.export(
+                    export_dir, format="tf_saved_model", input_signature=[spec], verbose=False
+                )
+                converter = tf.lite.TFLiteConverter.from_saved_model(export_dir)
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+                converter.representative_dataset = calibration_batches
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+                converter.inference_input_type = tf.int8 if io_dtype == "int8" else tf.float32
+                converter.inference_output_type = tf.int8 if io_dtype == "int8" else tf.float32
+                converter._experimental_disable_per_channel = not per_channel
+                tflite_bytes = converter.convert()
+            except Exception as err:
+                failure = err
+            else:
+                failure = None
+    log.debug("converter output for model '%s':\n%s", name, captured.text)
+    if failure is not None:
+        raise N6QATError(
+            f"model '{name}' could not be converted to full INT8 "
+            f"({type(failure).__name__}: {_converter_reason(str(failure))}); every layer must map "
+            f"to an INT8 TFLite builtin: replace the layer named in the message. "
+            f"Converter log tail:\n{_last_lines(captured.text)}"
+        ) from failure
+    log.info("converted model '%s' to %d bytes of full-INT8 TFLite", name, len(tflite_bytes))
+    return bytes(tflite_bytes)
+
+
+def _single_input_shape(model: keras.Model) -> tuple[int, ...]:
+    name = getattr(model, "name", "model")
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) != 1:
+        raise N6QATError(f"model '{name}' has {len(inputs)} inputs; conversion handles exactly one")
+    shape = tuple(inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise N6QATError(
+            f"model '{name}' has input shape {shape} with unknown sizes; "
+            "build it with a fixed feature shape (the NPU needs static shapes)"
+        )
+    return tuple(int(d) for d in shape)
+
+
+def _checked_representative(
+    name: str, representative: np.ndarray, input_shape: tuple[int, ...], batch_size: int
+) -> np.ndarray:
+    samples = np.asarray(representative, dtype=np.float32)
+    if samples.shape[1:] != input_shape:
+        raise N6QATError(
+            f"calibration data of shape {samples.shape} does not fit model '{name}' "
+            f"(expects (N, {', '.join(map(str, input_shape))}))"
+        )
+    if len(samples) < batch_size:
+        raise N6QATError(
+            f"model '{name}' needs at least {batch_size} calibration samples, got {len(samples)}"
+        )
+    if not np.isfinite(samples).all():
+        raise N6QATError(f"calibration data for model '{name}' holds NaN or infinite values")
+    return samples
+
+
+@dataclass
+class _Captured:
+    text: str = ""
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[_Captured]:
+    """Collect what C++ code (TF logging, the MLIR converter) writes to file descriptor 2.
+
+    Python warnings raised meanwhile are collected as well. The redirect is process-wide
+    for its duration, so another thread's stderr lands here too.
+    """
+    captured = _Captured()
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            sink.seek(0)
+            lines = [sink.read().decode("utf-8", "replace")]
+            lines += [f"{w.category.__name__}: {w.message}" for w in caught]
+            captured.text = "\n".join(line.rstrip("\n") for line in lines if line)
+
+
+def _converter_reason(text: str) -> str:
+    """The converter's own 'error: ...' messages, without MLIR locations; else its first line."""
+    reasons = [
+        line.rsplit("error: ", 1)[1].strip() for line in text.splitlines() if "error: " in line
+    ]
+    unique = list(dict.fromkeys(r for r in reasons if r))
+    return "; ".join(unique[:3]) if unique else (text.strip().splitlines() or [""])[0][:300]
+
+
+def _last_lines(text: str, count: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])
+
+
+def run_tflite(
+    model_bytes_or_path: bytes | str | Path, x: np.ndarray, num_threads: int = 1
+) -> np.ndarray:
+    """Run every sample of `x` through a single-input, single-output .tflite; float32 out.
+
+    Int8 inputs are quantized and int8 outputs dequantized with the tensors' own
+    scale/zero point, so callers always work in float. A batch-N model gets chunks of N
+    (the last one zero-padded).
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    label = "<bytes>" if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
+    with _native_stderr_captured():
+        try:
+            if isinstance(model_bytes_or_path, bytes):
+                interpreter = Interpreter(
+                    model_content=model_bytes_or_path, num_threads=num_threads
+                )
+            else:
+                interpreter = Interpreter(
+                    model_path=str(model_bytes_or_path), num_threads=num_threads
+                )
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            failure = err
+        else:
+            failure = None
+    if failure is not None:
+        raise N6QATError(f"LiteRT cannot load TFLite model {label}: {failure}") from failure
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise N6QATError(
+            f"TFLite model {label} has {len(inputs)} inputs and {len(outputs)} outputs; "
+            "run_tflite handles one of each"
+        )
+    inp, out = inputs[0], outputs[0]
+    batch, sample_shape = int(inp["shape"][0]), tuple(int(d) for d in inp["shape"][1:])
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[1:] != sample_shape:
+        raise N6QATError(
+            f"inputs of shape {x.shape} do not fit TFLite model {label} "
+            f"(expects (N, {', '.join(map(str, sample_shape))}))"
+        )
+    results = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        filled = len(chunk)
+        if filled < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - filled, *sample_shape), np.float32)])
+        interpreter.set_tensor(inp["index"], _to_tensor(chunk, inp))
+        interpreter.invoke()
+        results.append(_from_tensor(interpreter.get_tensor(out["index"]), out)[:filled])
+    if not results:
+        return np.zeros((0, *(int(d) for d in out["shape"][1:])), np.float32)
+    return np.concatenate(results)
+
+
+def _to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    scaled = x / scale
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)  # TFLite rounds half away
+    info = np.iinfo(dtype)
+    return np.clip(rounded + zero_point, info.min, info.max).astype(dtype)
+
+
+def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind == "f":
+        return y.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def agreement(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """How closely `test` (e.g. the INT8 model) follows `reference` (the Keras model).
+
+    cosine: over the flattened arrays (the gate value; 1.0 when both are all zero);
+    cosine_per_sample_mean: mean of per-sample cosines; rmse, mae, max_abs_error;
+    l2r: ||test - ref|| / ||ref|| (ST's relative L2 error); pearson_r over the flattened
+    arrays (nan when either is constant); top1_agreement: share of samples whose argmax
+    on the last axis matches (with one output unit: the > 0.5 decision).
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(test, dtype=np.float64)
+    if ref.shape != out.shape:
+        raise N6QATError(f"cannot compare outputs of shapes {ref.shape} and {out.shape}")
+    if ref.ndim == 0 or ref.size == 0:
+        raise N6QATError(f"cannot compare outputs of shape {ref.shape}; need (N, ...) with N >= 1")
+    diff = out - ref
+    ref_norm = float(np.linalg.norm(ref))
+    rows = zip(ref.reshape(len(ref), -1), out.reshape(len(out), -1), strict=True)
+    per_sample = [_cosine(a, b) for a, b in rows]
+    if ref.shape[-1] == 1:
+        same_top1 = (ref[..., 0] > 0.5) == (out[..., 0] > 0.5)
+    else:
+        same_top1 = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
+    return {
+        "cosine": _cosine(ref.ravel(), out.ravel()),
+        "cosine_per_sample_mean": float(np.mean(per_sample)),
+        "rmse": float(np.sqrt(np.mean(diff**2))),
+        "mae": float(np.mean(np.abs(diff))),
+        "max_abs_error": float(np.max(np.abs(diff))),
+        "l2r": float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float("nan"),
+        "pearson_r": _pearson(ref.ravel(), out.ravel()),
+        "top1_agreement": float(np.mean(same_top1)),
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 or nb == 0.0:
+        return 1.0 if na == nb else 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    da, db = a - a.mean(), b - b.mean()
+    denominator = float(np.linalg.norm(da) * np.linalg.norm(db))
+    return float(np.dot(da, db) / denominator) if denominator > 0 else float("nan")
+
+
+def save_validation_npz(path: Path, inputs: np.ndarray, outputs: np.ndarray) -> None:
+    """Write inputs and reference outputs for `stedgeai validate --valinput`, atomically.
+
+    One .npz holds both: inputs under "m_inputs_1" (shape (N, *model input without
+    batch)) and outputs under "m_outputs_1" (N, *output), the key scheme of the tool's
+    own network_val_io.npz; ST's tutorials give such a single file to --valinput alone.
+    float64 is stored as float32, the model's I/O type.
+    """
+    path = Path(path)
+    inputs, outputs = np.asarray(inputs), np.asarray(outputs)
+    if len(inputs) != len(outputs) or len(inputs) == 0:
+        raise N6QATError(
+            f"validation data for {path} needs as many outputs as inputs (at least one); "
+            f"got {len(inputs)} inputs and {len(outputs)} outputs"
+        )
+    arrays = {
+        VALIDATION_INPUT_KEY: _as_io_dtype(inputs),
+        VALIDATION_OUTPUT_KEY: _as_io_dtype(outputs),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            np.savez(handle, **arrays)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def _as_io_dtype(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype == np.float64 else array

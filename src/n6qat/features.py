@@ -1,0 +1,275 @@
+"""Fixed-length chunks of audio turned into the model's input spectrograms, cached on disk.
+
+The default input is the linear STFT magnitude of a peak-normalised chunk (the "hybrid"
+idea of BirdNET-STM32): the Cortex-M55 firmware computes it cheaply with CMSIS-DSP, and
+the mel mixing happens inside the model as a 1x1 convolution on the NPU. A precomputed
+mel spectrogram is available as ``kind="mel"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from n6qat.errors import N6QATError
+
+log = logging.getLogger(__name__)
+
+FEATURE_KINDS = ("linear", "mel")
+MAGNITUDE_SCALES = ("none", "sqrt", "db")
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How a chunk of audio becomes a model input of shape (bins, spec_width, 1)."""
+
+    kind: str = "linear"
+    sample_rate: int = 16000
+    chunk_duration: float = 3.0
+    n_fft: int = 512
+    spec_width: int = 128
+    n_mels: int = 64
+    fmin: float = 150.0
+    fmax: float | None = None
+    magnitude_scale: str = "none"
+    max_duration: float = 30.0
+    max_chunks_per_file: int = 10
+    min_chunk_energy: float = 0.1
+    hop_length: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise N6QATError(f"features.kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        if self.magnitude_scale not in MAGNITUDE_SCALES:
+            raise N6QATError(
+                f"features.magnitude_scale must be one of {MAGNITUDE_SCALES}, "
+                f"got {self.magnitude_scale!r}"
+            )
+        if self.hop < 1 or self.frames_needed > self.chunk_samples + self.n_fft:
+            raise N6QATError(
+                "features: spec_width is too large for chunk_duration x sample_rate "
+                f"({self.spec_width} frames of {self.chunk_samples} samples)"
+            )
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(round(self.chunk_duration * self.sample_rate))
+
+    @property
+    def hop(self) -> int:
+        """Hop between STFT frames: the chunk spread over ``spec_width`` frames."""
+        return self.hop_length or self.chunk_samples // self.spec_width
+
+    @property
+    def frames_needed(self) -> int:
+        """Samples the STFT reads for ``spec_width`` frames without centring."""
+        return (self.spec_width - 1) * self.hop + self.n_fft
+
+    @property
+    def bins(self) -> int:
+        return self.n_fft // 2 + 1 if self.kind == "linear" else self.n_mels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.bins, self.spec_width, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FeatureSettings:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def chunk_signal(signal: np.ndarray, settings: FeatureSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a mono signal into non-overlapping chunks, zero-padding the last (or only) one.
+
+    A trailing remainder shorter than half a chunk is dropped unless it is the whole file.
+    Returns the chunks (n, chunk_samples) and their start times in seconds.
+    """
+    size = settings.chunk_samples
+    n_full, rest = divmod(len(signal), size)
+    n = n_full + (1 if rest >= size // 2 or n_full == 0 else 0)
+    padded = np.zeros(n * size, dtype=np.float32)
+    usable = min(len(signal), n * size)
+    padded[:usable] = signal[:usable]
+    starts = np.arange(n, dtype=np.float64) * settings.chunk_duration
+    return padded.reshape(n, size), starts
+
+
+def chunk_energy(chunks: np.ndarray) -> np.ndarray:
+    """Root-mean-square level of each chunk."""
+    return np.sqrt(np.mean(np.square(chunks, dtype=np.float64), axis=1)).astype(np.float32)
+
+
+def select_chunks(energy: np.ndarray, negative: bool, settings: FeatureSettings) -> np.ndarray:
+    """Indices of the chunks to keep: loud enough to hold a call (all, for negatives).
+
+    A labelled file's quiet stretches would otherwise be taught as calls: keep chunks whose
+    RMS is at least ``min_chunk_energy`` of the file's loudest, always the loudest one,
+    at most ``max_chunks_per_file`` (the loudest, in time order).
+    """
+    order = np.argsort(-energy, kind="stable")
+    if not negative and energy.size:
+        keep = energy[order] >= settings.min_chunk_energy * energy[order[0]]
+        keep[0] = True
+        order = order[keep]
+    return np.sort(order[: settings.max_chunks_per_file])
+
+
+def stft_magnitude(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
+    """Linear STFT magnitude (n, n_fft/2+1, spec_width) of peak-normalised chunks."""
+    peak = np.max(np.abs(chunks), axis=1, keepdims=True)
+    chunks = chunks / np.where(peak > 1e-8, peak, 1.0)
+    need = settings.frames_needed
+    if chunks.shape[1] < need:
+        chunks = np.pad(chunks, ((0, 0), (0, need - chunks.shape[1])))
+    starts = settings.hop * np.arange(settings.spec_width)
+    idx = starts[:, None] + np.arange(settings.n_fft)[None, :]
+    window = np.hanning(settings.n_fft + 1)[:-1].astype(np.float32)
+    frames = chunks[:, idx] * window  # (n, spec_width, n_fft)
+    spectrum = np.abs(np.fft.rfft(frames, axis=-1)).astype(np.float32)
+    spectrum /= np.sum(window) / 2.0
+    return np.transpose(spectrum, (0, 2, 1))
+
+
+def mel_basis(settings: FeatureSettings) -> np.ndarray:
+    """Slaney mel filter bank (n_mels, n_fft/2+1) for the settings' rate and band."""
+    import librosa
+
+    return librosa.filters.mel(
+        sr=settings.sample_rate,
+        n_fft=settings.n_fft,
+        n_mels=settings.n_mels,
+        fmin=settings.fmin,
+        fmax=settings.fmax,
+        htk=False,
+        norm="slaney",
+    ).astype(np.float32)
+
+
+def scale_magnitude(spec: np.ndarray, scale: str) -> np.ndarray:
+    """Compress magnitudes: none, square root, or decibels mapped to [0, 1] over 80 dB."""
+    if scale == "sqrt":
+        return np.sqrt(spec)
+    if scale == "db":
+        db = 20.0 * np.log10(np.maximum(spec, 1e-4))
+        return np.clip((db + 80.0) / 80.0, 0.0, 1.0).astype(np.float32)
+    return spec
+
+
+def spectrogram(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
+    """Model inputs (n, bins, spec_width, 1) for a batch of raw chunks."""
+    spec = stft_magnitude(chunks, settings)
+    if settings.kind == "mel":
+        spec = np.einsum("mf,nft->nmt", mel_basis(settings), spec)
+    spec = scale_magnitude(spec, settings.magnitude_scale)
+    return spec[..., None].astype(np.float32)
+
+
+def file_features(
+    path: Path, negative: bool, settings: FeatureSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load one file once and return (features, chunk start times, chunk energies)."""
+    from n6qat.audio import load_audio
+
+    signal = load_audio(path, settings.sample_rate, max_duration=settings.max_duration)
+    chunks, starts = chunk_signal(signal, settings)
+    energy = chunk_energy(chunks)
+    keep = select_chunks(energy, negative, settings)
+    return spectrogram(chunks[keep], settings), starts[keep], energy[keep]
+
+
+def _file_job(args: tuple[str, bool, dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    path, negative, settings = args
+    return file_features(Path(path), negative, FeatureSettings.from_dict(settings))
+
+
+def extract_features(
+    files: pd.DataFrame,
+    roots: dict[str, Path],
+    labels: Sequence[str],
+    settings: FeatureSettings,
+    out_npy: Path,
+    out_chunks: Path,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Compute every file's chunks into one float16 ``.npy`` (memory-mappable) plus a table.
+
+    ``files`` is the index (columns ``path``, ``source``, ``label``, ``negative``);
+    ``roots`` maps each ``source`` to its tree. The chunk table has one row per chunk:
+    path, source, label, label_index (-1 for negatives), start (s), energy, row.
+    Both outputs are written to temporary names first, then moved into place.
+    """
+    label_index = {name: i for i, name in enumerate(labels)}
+    jobs = [
+        (str(roots[row.source] / row.path), bool(row.negative), settings.to_dict())
+        for row in files.itertuples()
+    ]
+    started = time.perf_counter()
+    results = _run_jobs(jobs, workers)
+    arrays, rows = [], []
+    for row, (feats, starts, energy) in zip(files.itertuples(), results, strict=True):
+        target = -1 if row.negative else label_index[row.label]
+        for start, level in zip(starts, energy, strict=True):
+            rows.append((row.path, row.source, row.label, target, float(start), float(level)))
+        arrays.append(feats.astype(np.float16))
+    table = pd.DataFrame(
+        rows, columns=["path", "source", "label", "label_index", "start", "energy"]
+    )
+    table["row"] = np.arange(len(table))
+    shape = (len(table), *settings.input_shape)
+    _write_npy(out_npy, arrays, shape)
+    tmp = out_chunks.with_name(out_chunks.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out_chunks)
+    elapsed = time.perf_counter() - started
+    audio_s = float(files["duration"].clip(upper=settings.max_duration).sum())
+    log.info(
+        "features: %d files, %d chunks, %.1f s of audio in %.1f s (%.0fx real time, %d workers)",
+        len(files), len(table), audio_s, elapsed, audio_s / max(elapsed, 1e-9), workers,
+    )
+    return table
+
+
+def _run_jobs(jobs: list, workers: int) -> list:
+    if workers <= 1 or len(jobs) < 2:
+        return [_file_job(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_file_job, jobs, chunksize=4))
+
+
+def _write_npy(path: Path, arrays: list[np.ndarray], shape: tuple[int, ...]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+    pos = 0
+    for block in arrays:
+        out[pos : pos + len(block)] = block
+        pos += len(block)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def load_features(npy: Path) -> np.ndarray:
+    """The cached features, memory-mapped read-only (float16)."""
+    return np.load(npy, mmap_mode="r")
+
+
+def write_settings(path: Path, settings: FeatureSettings) -> None:
+    """Save the settings next to the cache so later stages and users can read them."""
+    path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
+
+
+def read_settings(path: Path) -> FeatureSettings:
+    return FeatureSettings.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,250 @@
+"""The DS-CNN classifier built from N6-friendly layers, and loading/checking checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from n6qat.errors import N6QATError
+from n6qat.features import FeatureSettings, mel_basis
+
+# Piecewise-linear magnitude compression (a log-like curve) as ReLU branches: knots and slopes.
+PWL_KNOTS = (0.0, 0.01, 0.05, 0.2)
+PWL_SLOPES = (30.0, 8.0, 2.0, 0.5)
+
+
+def round_channels(n: float, multiple: int = 8) -> int:
+    """Channel count rounded to a multiple of 8, the NPU's vector width."""
+    return max(multiple, int(round(n / multiple)) * multiple)
+
+
+def build_dscnn(
+    settings: FeatureSettings,
+    n_classes: int,
+    width: float = 1.0,
+    depth: int = 4,
+    dropout: float = 0.2,
+    seed: int = 0,
+):
+    """A depthwise-separable CNN on (bins, frames, 1) inputs, sigmoid outputs.
+
+    Only layers the Neural-ART NPU runs natively: Conv2D, DepthwiseConv2D,
+    BatchNormalization, ReLU6, Add, global average pooling, Dense. For linear STFT
+    input the first layers mix the bins to mels (1x1 conv initialised from a Slaney mel
+    basis, trainable) and compress magnitudes with a piecewise-linear ReLU curve.
+    """
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(settings.input_shape, name="spectrogram")
+    x = _frontend(inputs, settings) if settings.kind == "linear" else inputs
+    x = _conv_bn_relu(x, round_channels(16 * width), 3, 2, "stem")
+    channels = round_channels(16 * width)
+    for i in range(depth):
+        out = round_channels(16 * width * 2 ** min(i + 1, 3))
+        x = _ds_block(x, channels, out, stride=2 if i < 3 else 1, name=f"block{i}")
+        x = _ds_block(x, out, out, stride=1, name=f"block{i}b")
+        channels = out
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(n_classes, activation="sigmoid", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="dscnn")
+
+
+def _frontend(x, settings: FeatureSettings):
+    """Mel mixing (1x1 conv over the frequency axis) and PWL magnitude compression."""
+    import keras
+    from keras import layers
+
+    basis = mel_basis(settings)  # (mels, bins)
+    x = layers.Permute((3, 2, 1), name="bins_last")(x)  # (1, frames, bins)
+    mixer = layers.Conv2D(
+        settings.n_mels, 1, use_bias=False, name="mel_mixer",
+        kernel_initializer=keras.initializers.Constant(basis.T[None, None] * 8.0),
+    )
+    x = layers.Permute((3, 2, 1), name="mels_first")(mixer(x))  # (mels, frames, 1)
+    knots = np.array(PWL_KNOTS, dtype=np.float32)
+    slopes = np.array(PWL_SLOPES, dtype=np.float32)
+    coeffs = np.diff(slopes, prepend=0.0).astype(np.float32)
+    x = layers.Conv2D(
+        len(knots), 1, name="pwl_knots",
+        kernel_initializer=keras.initializers.Constant(np.ones((1, 1, 1, len(knots)))),
+        bias_initializer=keras.initializers.Constant(-knots),
+    )(x)
+    x = layers.ReLU(name="pwl_relu")(x)
+    x = layers.Conv2D(
+        1, 1, use_bias=False, name="pwl_sum",
+        kernel_initializer=keras.initializers.Constant(coeffs.reshape(1, 1, -1, 1)),
+    )(x)
+    return layers.BatchNormalization(name="frontend_bn")(x)
+
+
+def _conv_bn_relu(x, filters: int, kernel: int, stride: int, name: str):
+    from keras import layers
+
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(6.0, name=f"{name}_relu")(x)
+
+
+def _ds_block(x, channels: int, out: int, stride: int, name: str):
+    """Depthwise 3x3 + pointwise 1x1, each with BN and ReLU6; residual when shapes match."""
+    from keras import layers
+
+    y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                               name=f"{name}_dw")(x)
+    y = layers.BatchNormalization(name=f"{name}_dw_bn")(y)
+    y = layers.ReLU(6.0, name=f"{name}_dw_relu")(y)
+    y = layers.Conv2D(out, 1, use_bias=False, name=f"{name}_pw")(y)
+    y = layers.BatchNormalization(name=f"{name}_pw_bn")(y)
+    if stride == 1 and channels == out:
+        y = layers.Add(name=f"{name}_add")([x, y])
+    return layers.ReLU(6.0, name=f"{name}_relu")(y)
+
+
+def load_model(path: Path, safe_mode: bool = True):
+    """Load a ``.keras`` checkpoint, with Keras' safe mode on unless the user opted out.
+
+    Safe mode refuses Lambda layers that would run code stored in the file.
+    """
+    import keras
+
+    path = Path(path)
+    if not path.is_file():
+        raise N6QATError(f"model.pretrained: no such file {path}")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except Exception as exc:  # Keras raises many types; the user needs the message
+        hint = ""
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            hint = (" The checkpoint holds code (a Lambda layer); set model.safe_mode: false"
+                    " only if you trust its source.")
+        raise N6QATError(f"could not load the model {path}: {exc}.{hint}") from exc
+
+
+def check_input_shape(model, settings: FeatureSettings, source: str) -> None:
+    """The model must take the features' (bins, frames, 1) input."""
+    expected = tuple(settings.input_shape)
+    got = tuple(model.input_shape[1:])
+    if got != expected:
+        raise N6QATError(
+            f"{source} expects inputs of shape {got}, but the features are {expected} "
+            f"(features.kind={settings.kind}, n_fft={settings.n_fft}, "
+            f"spec_width={settings.spec_width}, n_mels={settings.n_mels}). Set the features "
+            "section of the config to the model's settings, or give the checkpoint's sidecar JSON."
+        )
+
+
+def check_labels(model_labels: Sequence[str], data_labels: Sequence[str], source: str) -> None:
+    """Stop with the differences when the model's classes are not the dataset's."""
+    if list(model_labels) == list(data_labels):
+        return
+    missing = sorted(set(data_labels) - set(model_labels))
+    extra = sorted(set(model_labels) - set(data_labels))
+    order = "" if missing or extra else " (same classes, different order)"
+    raise N6QATError(
+        f"{source}: the model's classes differ from the dataset's{order}.\n"
+        f"  in the data, not in the model: {missing or '-'}\n"
+        f"  in the model, not in the data: {extra or '-'}\n"
+        "Set model.replace_head: true to swap the classifier head for the dataset's classes."
+    )
+
+
+def output_units(model) -> int:
+    return int(model.output_shape[-1])
+
+
+def replace_head(model, n_classes: int, seed: int = 0):
+    """The same network with a new sigmoid Dense head for ``n_classes`` classes."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    head = model.layers[-1]
+    if not isinstance(head, layers.Dense):
+        raise N6QATError(
+            f"model.replace_head: the last layer {head.name!r} is a {type(head).__name__}, "
+            "not a Dense classifier; replace the head yourself before QAT."
+        )
+    features = head.input
+    outputs = layers.Dense(n_classes, activation="sigmoid", name="classifier_new")(features)
+    return keras.Model(model.inputs, outputs, name=model.name)
+
+
+def save_model(model, path: Path) -> None:
+    """Save atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def read_labels(path: Path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def checkpoint_labels(checkpoint: Path, labels_file: str = "") -> list[str] | None:
+    """The checkpoint's class names: the given file, else ``<stem>_labels.txt`` beside it."""
+    checkpoint = Path(checkpoint)
+    candidate = Path(labels_file) if labels_file else checkpoint.with_name(
+        checkpoint.stem + "_labels.txt"
+    )
+    if labels_file and not candidate.is_file():
+        raise N6QATError(f"model.labels: no such file {candidate}")
+    return read_labels(candidate) if candidate.is_file() else None
+
+
+def prepare_pretrained(
+    checkpoint: Path,
+    data_labels: list[str],
+    settings: FeatureSettings,
+    labels_file: str = "",
+    safe_mode: bool = True,
+    replace: bool = False,
+    seed: int = 0,
+):
+    """Load and check a checkpoint against the features and the dataset's classes.
+
+    Returns ``(model, info, head_replaced)``; with ``replace`` a class mismatch swaps
+    the head instead of stopping (the caller then trains the new head).
+    """
+    model = load_model(checkpoint, safe_mode=safe_mode)
+    check_input_shape(model, settings, f"the model {checkpoint}")
+    labels = checkpoint_labels(checkpoint, labels_file)
+    if labels is None and output_units(model) == len(data_labels):
+        labels = list(data_labels)  # no labels file: the dataset's order is assumed
+    labels = labels or [f"<output {i}>" for i in range(output_units(model))]
+    if len(labels) != output_units(model):
+        raise N6QATError(
+            f"{checkpoint}: the labels file lists {len(labels)} classes but the model has "
+            f"{output_units(model)} outputs"
+        )
+    replaced = False
+    try:
+        check_labels(labels, data_labels, f"the model {checkpoint}")
+    except N6QATError:
+        if not replace:
+            raise
+        model = replace_head(model, len(data_labels), seed)
+        replaced = True
+    info = {
+        "source": str(checkpoint),
+        "model_labels": labels,
+        "labels": list(data_labels),
+        "head_replaced": replaced,
+        "input_shape": list(model.input_shape[1:]),
+        "parameters": int(model.count_params()),
+    }
+    return model, info, replaced

@@ -1,0 +1,549 @@
+"""Quantization-aware fine-tuning on the TFLite converter's exact full-INT8 weight grid.
+
+`build_qat_model` makes a twin of a Keras model that shares every variable with it:
+Conv2D / DepthwiseConv2D / Dense layers are replaced by wrappers that run the op with
+their fake-quantized kernel, BatchNormalization runs on its moving statistics (folded
+into the preceding layer exactly as the converter folds it), everything else is the
+original layer object. Training the twin trains the original model, which keeps its
+plain architecture and is what gets saved and converted.
+
+The weight grid is the one the TF 2.21 converter writes (checked against converted
+models in tests/test_qat.py): int8 in [-127, 127], zero point 0,
+scale = max|w| / 127 per output channel (or per tensor), code = round(w * (1 / scale))
+in float32 with ties rounded away from zero, BatchNormalization folded into the
+kernel (w * gamma / sqrt(var + eps)) before quantizing.
+
+The twin's wrappers are never serialized; only the original model is saved.
+Not handled yet (passed through in float): layers nested inside custom layers
+(e.g. a Conv2D inside a custom frontend layer), SeparableConv2D, Conv1D, Conv2DTranspose.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from n6qat.errors import N6QATError
+
+WEIGHT_QMAX = 127
+"""Narrow-range int8 weights: codes in [-127, 127], zero point 0."""
+
+RANGE_MOMENTUM = 0.99
+"""Moving-average momentum of the activation ranges tracked during QAT."""
+
+CALIBRATION_BATCHES = 8
+"""Training batches used to initialise activation ranges before QAT."""
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+_ACTIVATION_LAYERS = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ELU,
+    keras.layers.Softmax,
+    keras.layers.Add,
+)
+"""Layers whose int8 output tensor is simulated when `simulate_activations` is on."""
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    """What a user chooses for quantization-aware fine-tuning."""
+
+    epochs: int = 10
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    clipnorm: float | None = 1.0
+    per_channel: bool = True
+    simulate_activations: bool = False
+    frozen_layers: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clipnorm is not None and not self.clipnorm > 0:
+            problems.append(f"clipnorm must be > 0 or null, got {self.clipnorm}")
+        if problems:
+            raise N6QATError("Invalid QAT settings (config key qat): " + "; ".join(problems))
+
+
+def quantization_channel_axis(layer: keras.layers.Layer) -> int:
+    """First kernel axis that indexes output channels; it and all later axes do.
+
+    Conv2D (kh, kw, in, out): 3. DepthwiseConv2D (kh, kw, C, M): 2, the C*M output
+    channels. Dense (in, out): 1.
+    """
+    if isinstance(layer, keras.layers.DepthwiseConv2D | keras.layers.Conv2D):
+        if layer.data_format != "channels_last":
+            raise N6QATError(
+                f"Layer {layer.name!r} uses data_format={layer.data_format!r}; QAT supports "
+                "channels_last models only (as the TFLite converter expects). Rebuild the "
+                "model with channels_last."
+            )
+        return 2 if isinstance(layer, keras.layers.DepthwiseConv2D) else 3
+    if isinstance(layer, keras.layers.Dense):
+        return 1
+    raise N6QATError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) has no quantized kernel; only "
+        "Conv2D, DepthwiseConv2D and Dense do."
+    )
+
+
+def _round_half_away_from_zero(x):
+    magnitude = ops.abs(x)
+    whole = ops.floor(magnitude)
+    rounded = whole + ops.cast(magnitude - whole >= 0.5, x.dtype)
+    return ops.sign(x) * rounded
+
+
+def fake_quantize_weights(kernel, channel_axis: int | None):
+    """The kernel on the converter's int8 grid, with a straight-through gradient.
+
+    `channel_axis`: scales per index of this axis and all later ones (see
+    `quantization_channel_axis`); None for one scale per tensor. All-zero channels
+    stay zero.
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    rank = len(kernel.shape)
+    reduce_axes = tuple(range(rank if channel_axis is None else channel_axis % rank))
+    max_abs = ops.max(ops.abs(kernel), axis=reduce_axes, keepdims=True)
+    scale = max_abs / float(WEIGHT_QMAX)
+    inverse_scale = 1.0 / ops.where(scale > 0, scale, ops.ones_like(scale))
+    codes = ops.clip(_round_half_away_from_zero(kernel * inverse_scale), -WEIGHT_QMAX, WEIGHT_QMAX)
+    quantized = ops.stop_gradient(codes * scale)
+    # kernel - stop_gradient(kernel) is exactly 0: forward value is bit-exact, gradient 1.
+    return quantized + (kernel - ops.stop_gradient(kernel))
+
+
+def _batch_norm_factor_and_offset(batch_norm: keras.layers.BatchNormalization):
+    """Inference BN as y = x * factor + offset, computed as tf.nn.batch_normalization does."""
+    factor = ops.rsqrt(batch_norm.moving_variance + batch_norm.epsilon)
+    if batch_norm.scale:
+        factor = factor * batch_norm.gamma
+    offset = -batch_norm.moving_mean * factor
+    if batch_norm.center:
+        offset = batch_norm.beta + offset
+    return factor, offset
+
+
+class _ActivationRange(keras.layers.Layer):
+    """Fake-quantizes a tensor to per-tensor asymmetric int8 on a tracked range.
+
+    The range is set by calibration, then follows an exponential moving average of
+    each training batch's min/max (always including 0, as TFLite ranges do).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calibrating = False
+        self.range_min = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="range_min"
+        )
+        self.range_max = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="range_max"
+        )
+        self.initialized = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="initialized"
+        )
+
+    def call(self, inputs, training=None):
+        batch_min = ops.minimum(ops.min(inputs), 0.0)
+        batch_max = ops.maximum(ops.max(inputs), 0.0)
+        if self.calibrating:
+            self.range_min.assign(ops.minimum(self.range_min, batch_min))
+            self.range_max.assign(ops.maximum(self.range_max, batch_max))
+            return inputs
+        if training:
+            seen = self.initialized > 0
+            self.range_min.assign(
+                ops.where(
+                    seen,
+                    ops.add(RANGE_MOMENTUM * self.range_min, (1 - RANGE_MOMENTUM) * batch_min),
+                    batch_min,
+                )
+            )
+            self.range_max.assign(
+                ops.where(
+                    seen,
+                    ops.add(RANGE_MOMENTUM * self.range_max, (1 - RANGE_MOMENTUM) * batch_max),
+                    batch_max,
+                )
+            )
+            self.initialized.assign(1.0)
+        quantized = tf.quantization.fake_quant_with_min_max_vars(
+            inputs, self.range_min, self.range_max, num_bits=8, narrow_range=False
+        )
+        if training:
+            return quantized
+        return ops.where(self.initialized > 0, quantized, inputs)
+
+
+class _QuantizedLayer(keras.layers.Layer):
+    """Runs a Conv2D / DepthwiseConv2D / Dense with its fake-quantized kernel.
+
+    With `batch_norm`, the following BatchNormalization is folded in (moving
+    statistics, gamma and beta trainable) and the folded kernel is quantized, as the
+    converter does; the BN itself is then replaced by an identity in the twin.
+    """
+
+    def __init__(self, layer, batch_norm=None, per_channel=True, quantize_output=False):
+        super().__init__(name=f"{layer.name}_qat")
+        self.layer = layer
+        self.batch_norm = batch_norm
+        self.channel_axis = quantization_channel_axis(layer) if per_channel else None
+        self.output_range = (
+            _ActivationRange(name=f"{layer.name}_range") if quantize_output else None
+        )
+
+    def quantized_kernel_and_bias(self):
+        kernel = self.layer.kernel
+        bias = self.layer.bias if self.layer.use_bias else None
+        if self.batch_norm is not None:
+            factor, offset = _batch_norm_factor_and_offset(self.batch_norm)
+            kernel = kernel * ops.reshape(factor, kernel.shape[self.first_out_axis :])
+            bias = offset if bias is None else bias * factor + offset
+        return fake_quantize_weights(kernel, self.channel_axis), bias
+
+    @property
+    def first_out_axis(self) -> int:
+        return quantization_channel_axis(self.layer)
+
+    def call(self, inputs, training=None):
+        kernel, bias = self.quantized_kernel_and_bias()
+        layer = self.layer
+        if isinstance(layer, keras.layers.Dense):
+            outputs = ops.matmul(inputs, kernel)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            outputs = ops.depthwise_conv(
+                inputs,
+                kernel,
+                strides=layer.strides,
+                padding=layer.padding,
+                dilation_rate=layer.dilation_rate,
+                data_format=layer.data_format,
+            )
+        else:
+            outputs = layer.convolution_op(inputs, kernel)
+        if bias is not None:
+            outputs = ops.add(outputs, bias)
+        outputs = layer.activation(outputs)
+        if self.output_range is not None:
+            outputs = self.output_range(outputs, training=training)
+        return outputs
+
+
+class _InferenceBatchNorm(keras.layers.Layer):
+    """A BatchNormalization not folded into a conv: always on its moving statistics."""
+
+    def __init__(self, batch_norm):
+        super().__init__(name=f"{batch_norm.name}_qat")
+        self.batch_norm = batch_norm
+
+    def call(self, inputs, mask=None):
+        return self.batch_norm(inputs, training=False, mask=mask)
+
+
+class _FoldedAway(keras.layers.Layer):
+    """Stands in for a BatchNormalization that the preceding layer's wrapper folded in."""
+
+    def call(self, inputs, mask=None):
+        return inputs
+
+
+class _QuantizedOutput(keras.layers.Layer):
+    """Runs an activation / Add layer, then fake-quantizes its output to int8."""
+
+    def __init__(self, layer):
+        super().__init__(name=f"{layer.name}_qat")
+        self.layer = layer
+        self.output_range = _ActivationRange(name=f"{layer.name}_range")
+
+    def call(self, inputs, training=None, **kwargs):
+        return self.output_range(self.layer(inputs, **kwargs), training=training)
+
+
+@dataclass
+class _Plan:
+    """What the twin does with each layer of the original model (keyed by id)."""
+
+    folded_into: dict[int, keras.layers.BatchNormalization]
+    folded_away: set[int]
+    output_layers: set[int]
+
+
+def _is_weight_layer(layer) -> bool:
+    return isinstance(
+        layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D | keras.layers.Dense
+    )
+
+
+def _can_fold(layer, batch_norm, rank: int) -> bool:
+    """Whether the converter folds `batch_norm` into `layer`: linear output, BN on channels."""
+    return (
+        _is_weight_layer(layer)
+        and isinstance(batch_norm, keras.layers.BatchNormalization)
+        and layer.activation is keras.activations.linear
+        and batch_norm.axis in (-1, rank - 1)
+    )
+
+
+def _add_folds(model: keras.Model, plan: _Plan) -> None:
+    """Find conv/dense -> BN pairs whose conv output feeds only that BN."""
+    if isinstance(model, keras.Sequential):
+        for layer, following in zip(model.layers, model.layers[1:], strict=False):
+            if _can_fold(layer, following, len(layer.output.shape)):
+                plan.folded_into[id(layer)] = following
+                plan.folded_away.add(id(following))
+        return
+    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    consumers: dict[int, list] = {}
+    calls: dict[int, int] = {}
+    for node in nodes:
+        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+        for tensor in node.input_tensors:
+            consumers.setdefault(id(tensor), []).append(node)
+    model_outputs = {id(t) for t in model.outputs}
+    for node in nodes:
+        layer = node.operation
+        if not _is_weight_layer(layer) or calls[id(layer)] != 1 or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        users = consumers.get(id(out), [])
+        if id(out) in model_outputs or len(users) != 1:
+            continue
+        batch_norm = users[0].operation
+        if calls.get(id(batch_norm)) == 1 and _can_fold(layer, batch_norm, len(out.shape)):
+            plan.folded_into[id(layer)] = batch_norm
+            plan.folded_away.add(id(batch_norm))
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+
+
+def _make_plan(model: keras.Model) -> _Plan:
+    plan = _Plan(folded_into={}, folded_away=set(), output_layers=set())
+    for sub in [model, *(m for m in _all_layers(model) if isinstance(m, keras.Model))]:
+        _add_folds(sub, plan)
+    plan.output_layers = {id(t._keras_history.operation) for t in model.outputs}
+    return plan
+
+
+def build_qat_model(
+    model: keras.Model,
+    per_channel: bool = True,
+    simulate_activations: bool = False,
+    frozen_layers: Iterable[str] = (),
+) -> keras.Model:
+    """A twin of `model` that runs on fake-quantized weights and shares all its variables.
+
+    Layers named in `frozen_layers` are set non-trainable (on the shared layer objects).
+    With `simulate_activations`, outputs of activation and Add layers (not the model's
+    outputs) are fake-quantized to int8; call `calibrate_activation_ranges` before use.
+    """
+    if not isinstance(model, keras.Sequential | keras.Model) or not (
+        isinstance(model, keras.Sequential) or hasattr(model, "_nodes_by_depth")
+    ):
+        raise N6QATError(
+            f"QAT needs a functional or Sequential Keras model; got {type(model).__name__}. "
+            "Build the model with the functional API."
+        )
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    unknown = sorted(set(frozen_layers) - set(layers))
+    if unknown:
+        raise N6QATError(
+            f"qat.frozen_layers names layers the model does not have: {unknown}; "
+            f"its layers are {sorted(layers)}."
+        )
+    for name in frozen_layers:
+        layers[name].trainable = False
+    plan = _make_plan(model)
+
+    def twin_layer(layer):
+        if id(layer) in plan.folded_away:
+            return _FoldedAway(name=f"{layer.name}_folded")
+        if _is_weight_layer(layer):
+            quantize_output = (
+                simulate_activations
+                and layer.activation is not keras.activations.linear
+                and id(layer) not in plan.output_layers
+            )
+            return _QuantizedLayer(
+                layer, plan.folded_into.get(id(layer)), per_channel, quantize_output
+            )
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return _InferenceBatchNorm(layer)
+        if (
+            simulate_activations
+            and isinstance(layer, _ACTIVATION_LAYERS)
+            and id(layer) not in plan.output_layers
+        ):
+            return _QuantizedOutput(layer)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=twin_layer, recursive=True)
+
+
+def _twin_layers(qat_model: keras.Model):
+    for layer in _all_layers(qat_model):
+        yield layer
+        if isinstance(layer, _QuantizedLayer | _QuantizedOutput) and layer.output_range:
+            yield layer.output_range
+
+
+def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable[np.ndarray]) -> None:
+    """Set every activation range of the twin to the min/max seen on float activations."""
+    ranges = [layer for layer in _twin_layers(qat_model) if isinstance(layer, _ActivationRange)]
+    if not ranges:
+        return
+    for quantizer in ranges:
+        quantizer.range_min.assign(0.0)
+        quantizer.range_max.assign(0.0)
+        quantizer.calibrating = True
+    seen = 0
+    try:
+        for batch in batches:
+            qat_model(batch, training=False)
+            seen += 1
+    finally:
+        for quantizer in ranges:
+            quantizer.calibrating = False
+    if seen == 0:
+        raise N6QATError("Activation calibration got no batches: the training data is empty.")
+    for quantizer in ranges:
+        quantizer.initialized.assign(1.0)
+
+
+def quantized_kernels(qat_model: keras.Model) -> dict[str, np.ndarray]:
+    """Original layer name -> the fake-quantized kernel the QAT step uses (Keras layout).
+
+    For a layer with a BatchNormalization folded in, this is the folded kernel, i.e.
+    what the converter writes as int8 weights, dequantized.
+    """
+    return {
+        layer.layer.name: ops.convert_to_numpy(layer.quantized_kernel_and_bias()[0])
+        for layer in _twin_layers(qat_model)
+        if isinstance(layer, _QuantizedLayer)
+    }
+
+
+def _optimizer(settings: QATSettings) -> keras.optimizers.Optimizer:
+    common = {"learning_rate": settings.learning_rate, "clipnorm": settings.clipnorm}
+    if settings.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=settings.weight_decay, **common)
+    weight_decay = settings.weight_decay or None
+    if settings.optimizer == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, weight_decay=weight_decay, **common)
+    return keras.optimizers.Adam(weight_decay=weight_decay, **common)
+
+
+def _batched(dataset: tf.data.Dataset, model: keras.Model, batch_size: int, name: str):
+    spec = dataset.element_spec
+    example_rank = len(model.inputs[0].shape) - 1
+    if not (isinstance(spec, tuple) and len(spec) == 2 and len(spec[0].shape) == example_rank):
+        raise N6QATError(
+            f"{name} must yield single (features, target) examples with features of rank "
+            f"{example_rank} (model input {tuple(model.inputs[0].shape)} without the batch "
+            f"axis); got element_spec {spec}. Do not batch it: QAT batches with qat.batch_size."
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """Keeps the per-epoch logs in a JSON file so a resumed run returns the whole history."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_begin(self, logs=None):
+        if self.path.exists():
+            self.epochs = json.loads(self.path.read_text())
+
+    def on_epoch_end(self, epoch, logs=None):
+        entry = {key: float(value) for key, value in (logs or {}).items()}
+        self.epochs = [*self.epochs[:epoch], entry]
+        self.path.write_text(json.dumps(self.epochs))
+
+    def history(self) -> dict[str, list[float]]:
+        keys = dict.fromkeys(key for entry in self.epochs for key in entry)
+        return {key: [entry.get(key, float("nan")) for entry in self.epochs] for key in keys}
+
+
+def run_qat(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    settings: QATSettings,
+    checkpoint_dir: Path,
+    loss="binary_crossentropy",
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+) -> dict[str, list[float]]:
+    """Fine-tune `model` in place on the INT8 simulation; return the per-epoch history.
+
+    The datasets yield unbatched (features, target) examples. Validation runs on the
+    quantized twin. A checkpoint of weights, optimizer state and epoch is written to
+    `checkpoint_dir` after every epoch; rerunning with the same directory continues
+    after the last finished epoch (and returns at once if all epochs are done).
+    Sets the global random seeds to `settings.seed`.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(settings.seed)
+    train = _batched(train_ds, model, settings.batch_size, "train_ds")
+    val = None if val_ds is None else _batched(val_ds, model, settings.batch_size, "val_ds")
+    trainable = {id(layer): (layer, layer.trainable) for layer in _all_layers(model)}
+    try:
+        twin = build_qat_model(
+            model, settings.per_channel, settings.simulate_activations, settings.frozen_layers
+        )
+        if settings.simulate_activations:
+            calibrate_activation_ranges(twin, (x for x, _ in train.take(CALIBRATION_BATCHES)))
+        twin.compile(
+            optimizer=_optimizer(settings),
+            loss=loss,
+            metrics=[
+                keras.metrics.BinaryAccuracy(name="binary_accuracy"),
+                keras.metrics.AUC(name="auc"),
+            ],
+        )
+        log = _EpochLog(checkpoint_dir / "history.json")
+        backup = keras.callbacks.BackupAndRestore(
+            str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False
+        )
+        twin.fit(
+            train,
+            validation_data=val,
+            epochs=settings.epochs,
+            callbacks=[log, backup, *callbacks],
+            verbose=2,
+        )
+    finally:
+        for layer, flag in trainable.values():
+            layer.trainable = flag
+    return log.history()

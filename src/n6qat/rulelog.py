@@ -1,0 +1,45 @@
+"""Logging for workflow scripts: everything to the rule's log, user errors also to the console."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from n6qat.errors import N6QATError
+
+
+@contextmanager
+def rule_logging(log_path: str, quiet_tf: bool = True) -> Iterator[logging.Logger]:
+    """Send stdout, stderr (also TensorFlow's C++ output) and logging to ``log_path``.
+
+    An ``N6QATError`` ends the script with its message (in the log and on the console,
+    no traceback) and exit status 1; any other exception keeps its traceback in the log.
+    """
+    if quiet_tf:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    console = os.fdopen(os.dup(2), "w")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log_path, "a", buffering=1) as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        logging.basicConfig(
+            stream=sys.stderr,
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+        logger = logging.getLogger("n6qat")
+        try:
+            yield logger
+        except N6QATError as exc:
+            logger.error("%s", exc)
+            console.write(f"\nn6qat error: {exc}\n(log: {log_path})\n")
+            console.flush()
+            sys.exit(1)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()

@@ -1,0 +1,381 @@
+"""QAT: the fake-quantized weights equal what the TFLite converter writes; training,
+saving, resuming and validation work on the shared-variable twin."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+except RuntimeError:  # TensorFlow already initialised by another test module
+    pass
+
+import keras  # noqa: E402
+import tflite  # noqa: E402
+
+from n6qat import qat  # noqa: E402
+from n6qat.errors import N6QATError  # noqa: E402
+
+L = keras.layers
+_OP_NAMES = {v: k for k, v in vars(tflite.BuiltinOperator).items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _convert(model: keras.Model, per_channel: bool, input_shape) -> bytes:
+    """Full-integer conversion with float32 I/O, as the workflow's convert stage does."""
+    rng = np.random.default_rng(7)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: (
+        [rng.normal(size=(1, *input_shape)).astype(np.float32)] for _ in range(4)
+    )
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if not per_channel:
+        converter._experimental_disable_per_channel = True
+    return converter.convert()
+
+
+def _weighted_ops(flatbuffer: bytes):
+    """(op names, [(op, int8 weights, scales, zero points, quantized dim)]) in graph order."""
+    model = tflite.Model.GetRootAsModel(flatbuffer, 0)
+    graph = model.Subgraphs(0)
+    names, weighted = [], []
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        name = _OP_NAMES[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
+        names.append(name)
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            tensor = graph.Tensors(op.Inputs(1))
+            params = tensor.Quantization()
+            codes = model.Buffers(tensor.Buffer()).DataAsNumpy().view(np.int8)
+            weighted.append(
+                (
+                    name,
+                    codes.reshape(tensor.ShapeAsNumpy()),
+                    params.ScaleAsNumpy().astype(np.float32),
+                    params.ZeroPointAsNumpy(),
+                    params.QuantizedDimension(),
+                )
+            )
+    return names, weighted
+
+
+def _to_keras_layout(op: str, codes: np.ndarray, kernel_shape) -> np.ndarray:
+    """TFLite weight layout -> Keras kernel layout (output channels last)."""
+    if op == "CONV_2D":  # OHWI -> HWIO
+        return codes.transpose(1, 2, 3, 0)
+    if op == "DEPTHWISE_CONV_2D":  # [1, H, W, C*M] -> (H, W, C, M)
+        return codes[0].reshape(kernel_shape)
+    return codes.T  # FULLY_CONNECTED [out, in] -> (in, out)
+
+
+def _randomize_batch_norms(model: keras.Model, rng) -> None:
+    """Non-trivial moving statistics, gamma with negative entries and one zero."""
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            gamma = rng.uniform(0.3, 2.0, n) * np.where(np.arange(n) % 3 == 1, -1.0, 1.0)
+            gamma[-1] = 0.0
+            layer.set_weights(
+                [gamma, rng.normal(0, 0.5, n), rng.normal(0, 0.3, n), rng.uniform(0.2, 3.0, n)]
+            )
+
+
+def _bn_model(rng) -> keras.Model:
+    """Conv2D, DepthwiseConv2D (M=1, M=2) and Dense, each followed by BatchNormalization."""
+    inputs = keras.Input((8, 8, 6))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = L.ReLU()(L.BatchNormalization(name="bn_conv")(x))
+    x = L.DepthwiseConv2D(3, padding="same", name="dw1")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn_dw1")(x))
+    x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw2")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn_dw2")(x))
+    x = L.GlobalAveragePooling2D()(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn_dense")(L.Dense(12, name="dense")(x)))
+    outputs = L.Dense(3, activation="sigmoid", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    _randomize_batch_norms(model, rng)
+    kernel, bias = model.get_layer("conv").get_weights()
+    kernel[..., 2] = 0.0  # an all-zero output channel: scale 0 must not give NaN
+    model.get_layer("conv").set_weights([kernel, bias])
+    return model
+
+
+def _tiny_model() -> keras.Model:
+    """A small sigmoid multi-label model with fixed layer names (checkpoints match by name)."""
+    inputs = keras.Input((8, 8, 1), name="features")
+    x = L.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    x = L.ReLU(6.0, name="r1")(L.BatchNormalization(name="b1")(x))
+    x = L.DepthwiseConv2D(3, padding="same", name="d1")(x)
+    x = L.BatchNormalization(name="b2")(x)
+    x = L.ReLU(6.0, name="r2")(L.Add(name="add")([x, L.Conv2D(4, 1, name="skip")(inputs)]))
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    outputs = L.Dense(3, activation="sigmoid", name="head")(x)
+    model = keras.Model(inputs, outputs, name="tiny")
+    _randomize_batch_norms(model, np.random.default_rng(3))
+    return model
+
+
+def _examples(n: int, seed: int) -> tf.data.Dataset:
+    """Unbatched (features, multi-hot target) pairs; a third are negatives (all zero)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype(np.float32)
+    y = (rng.uniform(size=(n, 3)) < 0.4).astype(np.float32)
+    y[::3] = 0.0
+    return tf.data.Dataset.from_tensor_slices((x, y))
+
+
+# ---------------------------------------------------------------- weight grid
+
+
+def test_rounding_ties_go_away_from_zero_like_the_converter():
+    # One input channel, scale exactly 1 per output channel: codes are the values rounded.
+    kernel = np.zeros((1, 1, 8, 2), np.float32)
+    kernel[0, 0, :, 0] = [127, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 0.49999997]
+    kernel[0, 0, :, 1] = [-127, 4.5, 5.5, -4.5, -5.5, 100.5, -100.5, 6.5]
+    inputs = keras.Input((2, 2, 8))
+    model = keras.Model(inputs, L.Conv2D(2, 1, name="c")(inputs))
+    model.get_layer("c").set_weights([kernel, np.zeros(2, np.float32)])
+
+    _, [(_, codes, scales, _, _)] = _weighted_ops(_convert(model, True, (2, 2, 8)))
+    mine = qat.fake_quantize_weights(kernel, channel_axis=3).numpy()
+
+    expected = [[127, 1, 2, 3, -1, -3, 4, 0], [-127, 5, 6, -5, -6, 101, -101, 7]]
+    np.testing.assert_array_equal(scales, [1.0, 1.0])
+    np.testing.assert_array_equal(codes[:, 0, 0, :], expected)
+    np.testing.assert_array_equal(mine[0, 0].T, expected)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_qat_kernels_equal_the_converters_int8_weights(per_channel, tmp_path):
+    model = _bn_model(np.random.default_rng(1))
+    twin = qat.build_qat_model(model, per_channel=per_channel)
+    kernels = qat.quantized_kernels(twin)
+
+    # Convert the saved original model, as the workflow does.
+    model.save(tmp_path / "model.keras")
+    reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    names, weighted = _weighted_ops(_convert(reloaded, per_channel, (8, 8, 6)))
+
+    # TF 2.21 folds every BN here into the preceding op, Dense+BN included: no MUL/ADD left.
+    assert names == [
+        "QUANTIZE", "CONV_2D", "DEPTHWISE_CONV_2D", "DEPTHWISE_CONV_2D", "MEAN",
+        "FULLY_CONNECTED", "FULLY_CONNECTED", "LOGISTIC", "DEQUANTIZE",
+    ]  # fmt: skip
+    layer_names = ["conv", "dw1", "dw2", "dense", "head"]
+    expected_dims = [0, 3, 3, 0, 0]
+    for name, dim, (op, codes, scales, zero_points, qdim) in zip(
+        layer_names, expected_dims, weighted, strict=True
+    ):
+        kernel = kernels[name]
+        assert np.all(zero_points == 0)
+        assert codes.min() >= -127 and codes.max() <= 127
+        if per_channel:
+            assert qdim == dim and scales.size == int(np.prod(kernel.shape[
+                qat.quantization_channel_axis(reloaded.get_layer(name)):]))
+            scale = scales.reshape(kernel.shape[qat.quantization_channel_axis(
+                reloaded.get_layer(name)):])
+        else:
+            assert scales.size == 1
+            scale = scales.reshape(())
+        # Dequantized in float32, the precision the QAT step computes in.
+        dequantized = _to_keras_layout(op, codes, kernel.shape).astype(np.float32) * scale
+        error = np.abs(kernel - dequantized)
+        assert np.all(error <= 1e-6 * scale), f"{name}: max error {error.max()}"
+        assert np.isfinite(kernel).all()
+    assert not np.any(kernels["conv"][..., 2])
+
+
+def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():
+    kernel = tf.Variable(np.random.default_rng(2).normal(size=(3, 3, 4, 5)).astype(np.float32))
+    eager = qat.fake_quantize_weights(kernel, 3)
+    graph = tf.function(lambda: qat.fake_quantize_weights(kernel, 3))()
+    np.testing.assert_array_equal(eager.numpy(), graph.numpy())
+
+    scale = np.abs(kernel.numpy()).max(axis=(0, 1, 2)) / 127
+    codes = eager.numpy() / scale
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    assert np.abs(codes).max() == pytest.approx(127, abs=1e-4)
+
+    weights = tf.constant(np.arange(180, dtype=np.float32).reshape(kernel.shape))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(qat.fake_quantize_weights(kernel, None) * weights)
+    np.testing.assert_array_equal(tape.gradient(loss, kernel).numpy(), weights.numpy())
+
+
+def test_quantization_channel_axis():
+    assert qat.quantization_channel_axis(L.Conv2D(2, 3)) == 3
+    assert qat.quantization_channel_axis(L.DepthwiseConv2D(3)) == 2
+    assert qat.quantization_channel_axis(L.Dense(2)) == 1
+    with pytest.raises(N6QATError, match="no quantized kernel"):
+        qat.quantization_channel_axis(L.ReLU())
+
+
+# ---------------------------------------------------------------- the twin
+
+
+def test_twin_shares_variables_and_runs_batch_norm_on_moving_statistics():
+    inputs = keras.Input((8, 8, 2))
+    x = L.Conv2D(4, 3, activation="relu", name="c")(inputs)  # activation: BN not foldable
+    x = L.BatchNormalization(name="bn")(x)
+    outputs = L.Dense(2, activation="sigmoid", name="head")(L.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    _randomize_batch_norms(model, np.random.default_rng(4))
+    twin = qat.build_qat_model(model, frozen_layers=("head",))
+
+    model_variables = {id(v) for v in model.weights}
+    assert {id(v) for v in twin.weights} == model_variables
+    assert not model.get_layer("head").trainable
+    assert "head" not in {v.path.split("/")[0] for v in twin.trainable_weights}
+
+    x = np.random.default_rng(5).normal(size=(16, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_array_equal(twin(x, training=True), twin(x, training=False))
+    assert np.abs(twin(x).numpy() - model(x).numpy()).max() > 1e-5
+
+
+def test_unknown_frozen_layer_and_bad_settings_are_user_errors():
+    with pytest.raises(N6QATError, match="nope"):
+        qat.build_qat_model(_tiny_model(), frozen_layers=("nope",))
+    with pytest.raises(N6QATError, match="optimizer"):
+        qat.QATSettings(optimizer="rmsprop")
+    with pytest.raises(N6QATError, match="epochs"):
+        qat.QATSettings(epochs=0)
+
+
+def test_activation_ranges_calibrate_then_track_in_the_train_step():
+    model = _tiny_model()
+    twin = qat.build_qat_model(model, simulate_activations=True)
+    ranges = {
+        layer.name: layer
+        for layer in qat._twin_layers(twin)
+        if isinstance(layer, qat._ActivationRange)
+    }
+    assert set(ranges) == {"r1_range", "r2_range", "add_range"}  # not the sigmoid output
+    x = np.random.default_rng(6).normal(size=(32, 8, 8, 1)).astype(np.float32)
+    plain = qat.build_qat_model(model)(x).numpy()
+
+    qat.calibrate_activation_ranges(twin, [x[:16], x[16:]])
+    r1 = ranges["r1_range"]
+    assert float(r1.range_min) == 0.0 and 0.0 < float(r1.range_max) <= 6.0
+    assert np.abs(twin(x).numpy() - plain).max() > 1e-5
+
+    before = float(r1.range_max)
+    twin.compile(optimizer="adam", loss="binary_crossentropy")
+    twin.train_on_batch(x * 3, np.zeros((32, 3), np.float32))
+    assert float(r1.range_max) != before
+
+
+# ---------------------------------------------------------------- run_qat
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One QAT run on the tiny model (per-tensor, so quantization visibly changes outputs)."""
+    tmp = tmp_path_factory.mktemp("qat")
+    model = _tiny_model()
+    before = [w.copy() for w in model.get_weights()]
+    skip_before = model.get_layer("skip").get_weights()[0].copy()
+    settings = qat.QATSettings(
+        epochs=2, learning_rate=1e-2, batch_size=16, per_channel=False, frozen_layers=("skip",)
+    )
+    history = qat.run_qat(model, _examples(64, 0), _examples(32, 1), settings, tmp / "ckpt")
+    model.save(tmp / "qat.keras")
+    return model, before, history, settings, tmp, skip_before
+
+
+def test_run_qat_trains_the_original_which_saves_and_loads_as_plain_keras(trained):
+    model, before, history, _, tmp, skip_before = trained
+    loaded = keras.saving.load_model(tmp / "qat.keras")  # no custom_objects
+
+    assert all(type(layer).__module__.startswith("keras.") for layer in loaded.layers)
+    assert [type(layer).__name__ for layer in loaded.layers] == [
+        type(layer).__name__ for layer in _tiny_model().layers
+    ]
+    for saved, trained_w in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(saved, trained_w)
+    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True)]
+    assert any(changed)
+    skip = model.get_layer("skip")
+    np.testing.assert_array_equal(skip.get_weights()[0], skip_before)  # frozen: unchanged
+    assert skip.trainable  # flag restored after QAT
+    assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
+
+
+def test_validation_runs_on_the_quantized_simulation(trained):
+    model, _, history, settings, *_ = trained
+    val = _examples(32, 1).batch(settings.batch_size)
+    twin = qat.build_qat_model(model, per_channel=False)
+    twin.compile(loss="binary_crossentropy")
+    model.compile(loss="binary_crossentropy")
+
+    quantized_loss = twin.evaluate(val, verbose=0)
+    float_loss = model.evaluate(val, verbose=0)
+    x = np.concatenate([features for features, _ in val.as_numpy_iterator()])
+    assert np.abs(twin.predict(x, verbose=0) - model.predict(x, verbose=0)).max() > 1e-4
+    assert history["val_loss"][-1] == pytest.approx(quantized_loss, rel=1e-5)
+    assert abs(float_loss - quantized_loss) > 1e-4
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillInSecondEpoch(keras.callbacks.Callback):
+    """Raises a few batches into the second epoch, as if the job were killed there."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 1:
+            raise _Killed()
+
+
+class _Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.iterations = [], []
+
+    def on_train_begin(self, logs=None):
+        self.iterations.append(int(self.model.optimizer.iterations))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+    def on_train_end(self, logs=None):
+        self.iterations.append(int(self.model.optimizer.iterations))
+
+
+def test_killed_run_resumes_after_the_last_finished_epoch(tmp_path):
+    initial = _tiny_model().get_weights()
+    settings = qat.QATSettings(epochs=2, learning_rate=1e-2, batch_size=16)
+    steps = 64 // 16
+
+    def fresh_model():  # a restarted job reloads the float model
+        model = _tiny_model()
+        model.set_weights(initial)
+        return model
+
+    with pytest.raises(_Killed):
+        qat.run_qat(
+            fresh_model(), _examples(64, 0), None, settings, tmp_path / "ckpt",
+            callbacks=[_KillInSecondEpoch()],
+        )  # fmt: skip
+    record = _Record()
+    resumed = fresh_model()
+    history = qat.run_qat(
+        resumed, _examples(64, 0), None, settings, tmp_path / "ckpt", callbacks=[record]
+    )
+    assert record.epochs == [1]
+    assert record.iterations == [steps, 2 * steps]
+    assert len(history["loss"]) == 2
+
+    uninterrupted = fresh_model()
+    reference = qat.run_qat(uninterrupted, _examples(64, 0), None, settings, tmp_path / "ref")
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history["loss"], reference["loss"], rtol=1e-5)

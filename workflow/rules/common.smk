@@ -1,0 +1,76 @@
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# Scripts import the n6qat package from this checkout, also inside --sdm conda envs.
+PACKAGE_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, PACKAGE_SRC)
+from n6qat.config import config_errors
+
+CONFIG_SCHEMA = "../schemas/config.schema.yaml"
+_problems = config_errors(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
+if _problems:
+    raise WorkflowError("invalid configuration:\n  " + "\n  ".join(_problems))
+validate(config, schema=CONFIG_SCHEMA)  # fills in the defaults
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_SRC, os.environ.get("PYTHONPATH")]))
+)
+
+DEMO_ROOT = "resources/demo"
+INT8_MODELS = ["ptq", "qat"]
+SPLITS = ["train", "val", "test"]
+
+
+def uses_demo(key):
+    """True when data.<key> points into the generated demo dataset."""
+    return Path(config["data"][key]).as_posix().startswith(f"{DEMO_ROOT}/")
+
+
+def data_trees(wildcards=None):
+    """The audio trees the index reads; the demo's are made by the make_demo rule."""
+    trees = {"train": config["data"]["train"]}
+    if config["data"]["test"]:
+        trees["test"] = config["data"]["test"]
+    return trees
+
+
+def tree_fingerprint(path):
+    """Hash of every file's name, size and mtime: adding or changing audio re-runs the index."""
+    if not Path(path).is_dir():
+        return "missing"
+    digest = hashlib.blake2b(digest_size=16)
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            digest.update(f"{root}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def data_fingerprints(wildcards=None):
+    """Fingerprints of user trees (demo trees are tracked as rule outputs instead)."""
+    return {
+        key: "demo" if uses_demo(key) else tree_fingerprint(path)
+        for key, path in data_trees().items()
+    }
+
+
+def feature_settings():
+    """The features section, the settings every stage that reads features shares."""
+    return dict(config["features"])
+
+
+def pretrained_checkpoint():
+    """The user's checkpoint, or the one the pretrain rule makes."""
+    return config["model"]["pretrained"] or "results/model/fp32_trained.keras"
+
+
+def keras_model_for(wildcards):
+    """The float model an INT8 model is converted from: PTQ from pretrained, QAT from qat."""
+    return {"ptq": "results/model/pretrained.keras", "qat": "results/model/qat.keras"}[
+        wildcards.model
+    ]

@@ -1,0 +1,87 @@
+rule pretrain:
+    input:
+        train="results/features/train.npy",
+        train_chunks="results/features/train_chunks.csv",
+        val="results/features/val.npy",
+        val_chunks="results/features/val_chunks.csv",
+        upsampled="results/index/train_upsampled.csv",
+        labels="results/index/labels.txt",
+    output:
+        model="results/model/fp32_trained.keras",
+        history="results/model/pretrain_history.csv",
+    log:
+        "logs/pretrain.log",
+    benchmark:
+        "benchmarks/runs/pretrain.tsv"
+    conda:
+        "../../envs/tf.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
+    params:
+        settings=feature_settings(),
+        model=config["model"],
+        backup="results/model/.backup/pretrain",
+    script:
+        "../scripts/pretrain.py"
+
+
+rule prepare_pretrained:
+    input:
+        checkpoint=pretrained_checkpoint(),
+        labels="results/index/labels.txt",
+        train="results/features/train.npy",
+        train_chunks="results/features/train_chunks.csv",
+        val="results/features/val.npy",
+        val_chunks="results/features/val_chunks.csv",
+        upsampled="results/index/train_upsampled.csv",
+    output:
+        model="results/model/pretrained.keras",
+        info="results/model/pretrained.json",
+    log:
+        "logs/prepare_pretrained.log",
+    benchmark:
+        "benchmarks/runs/prepare_pretrained.tsv"
+    conda:
+        "../../envs/tf.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    params:
+        settings=feature_settings(),
+        model=config["model"],
+        backup="results/model/.backup/head",
+    script:
+        "../scripts/prepare_pretrained.py"
+
+
+rule qat:
+    input:
+        model="results/model/pretrained.keras",
+        train="results/features/train.npy",
+        train_chunks="results/features/train_chunks.csv",
+        val="results/features/val.npy",
+        val_chunks="results/features/val_chunks.csv",
+        upsampled="results/index/train_upsampled.csv",
+        labels="results/index/labels.txt",
+    output:
+        model="results/model/qat.keras",
+        history="results/model/qat_history.csv",
+    log:
+        "logs/qat.log",
+    benchmark:
+        "benchmarks/runs/qat.tsv"
+    conda:
+        "../../envs/tf.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=120,
+    params:
+        qat=config["qat"],
+        calibration_size=config["convert"]["calibration_size"],
+        backup="results/model/.backup/qat",
+    script:
+        "../scripts/qat.py"

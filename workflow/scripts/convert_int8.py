@@ -1,0 +1,21 @@
+"""Full-INT8 conversion of one float model, checked and gated (thin adapter over n6qat.convert)."""
+
+from pathlib import Path
+
+from n6qat.convert import convert_and_check
+from n6qat.model import load_model
+from n6qat.rulelog import rule_logging
+from n6qat.train import configure_threads, load_split
+
+with rule_logging(snakemake.log[0]):
+    configure_threads(snakemake.threads)
+    convert_and_check(
+        load_model(snakemake.input.model),
+        name=snakemake.wildcards.model,
+        train=load_split(snakemake.input.train, snakemake.input.train_chunks),
+        val=load_split(snakemake.input.val, snakemake.input.val_chunks),
+        settings=snakemake.params.convert,
+        out_tflite=Path(snakemake.output.tflite),
+        out_validation=Path(snakemake.output.validation),
+        out_report=Path(snakemake.output.report),
+    )

@@ -1,0 +1,22 @@
+"""Compute one split's cached features (thin adapter over n6qat.features)."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from n6qat.features import FeatureSettings, extract_features
+from n6qat.model import read_labels
+from n6qat.rulelog import rule_logging
+
+with rule_logging(snakemake.log[0]):
+    split = pd.read_csv(snakemake.input.split, keep_default_na=False)
+    files = split[split["split"] == snakemake.wildcards.split].reset_index(drop=True)
+    extract_features(
+        files,
+        roots={source: Path(root) for source, root in snakemake.params.roots.items()},
+        labels=read_labels(snakemake.input.labels),
+        settings=FeatureSettings.from_dict(snakemake.params.settings),
+        out_npy=Path(snakemake.output.features),
+        out_chunks=Path(snakemake.output.chunks),
+        workers=snakemake.threads,
+    )

@@ -1,0 +1,43 @@
+"""Check the FP32 checkpoint against features and classes; swap the head if asked."""
+
+import pandas as pd
+
+from n6qat.features import FeatureSettings
+from n6qat.model import prepare_pretrained, read_labels, save_model, write_json
+from n6qat.rulelog import rule_logging
+from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, pretrain
+
+with rule_logging(snakemake.log[0]) as log:
+    configure_threads(snakemake.threads)
+    cfg = snakemake.params.model
+    labels = read_labels(snakemake.input.labels)
+    model, info, replaced = prepare_pretrained(
+        snakemake.input.checkpoint,
+        labels,
+        FeatureSettings.from_dict(snakemake.params.settings),
+        labels_file=cfg["labels"],
+        safe_mode=cfg["safe_mode"],
+        replace=cfg["replace_head"],
+        seed=cfg["seed"],
+    )
+    if replaced:
+        log.info("classifier head replaced for %d classes; training it", len(labels))
+        backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
+        history = pretrain(
+            model,
+            load_split(snakemake.input.train, snakemake.input.train_chunks),
+            load_split(snakemake.input.val, snakemake.input.val_chunks),
+            pd.read_csv(snakemake.input.upsampled, keep_default_na=False),
+            n_classes=len(labels),
+            epochs=cfg["head_epochs"],
+            batch_size=cfg["batch_size"],
+            learning_rate=cfg["learning_rate"],
+            patience=cfg["patience"],
+            checkpoint_dir=backup,
+            seed=cfg["seed"],
+            trainable_head_only=True,
+        )
+        info["head_training"] = {k: [float(v) for v in vals] for k, vals in history.items()}
+        finish_backup(backup, None)
+    save_model(model, snakemake.output.model)
+    write_json(snakemake.output.info, info)

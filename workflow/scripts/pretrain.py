@@ -1,0 +1,37 @@
+"""Train the FP32 DS-CNN on the cached features (thin adapter over n6qat.train)."""
+
+import pandas as pd
+
+from n6qat.features import FeatureSettings
+from n6qat.model import build_dscnn, read_labels, save_model
+from n6qat.rulelog import rule_logging
+from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, pretrain
+
+with rule_logging(snakemake.log[0]) as log:
+    configure_threads(snakemake.threads)
+    cfg = snakemake.params.model
+    settings = FeatureSettings.from_dict(snakemake.params.settings)
+    labels = read_labels(snakemake.input.labels)
+    model = build_dscnn(
+        settings, len(labels), width=cfg["width"], depth=cfg["depth"],
+        dropout=cfg["dropout"], seed=cfg["seed"],
+    )
+    log.info("DS-CNN: %d parameters, input %s", model.count_params(), settings.input_shape)
+    backup = backup_dir(
+        snakemake.params.backup, {**cfg, **settings.to_dict()}, tuple(snakemake.input)
+    )
+    pretrain(
+        model,
+        load_split(snakemake.input.train, snakemake.input.train_chunks),
+        load_split(snakemake.input.val, snakemake.input.val_chunks),
+        pd.read_csv(snakemake.input.upsampled, keep_default_na=False),
+        n_classes=len(labels),
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        learning_rate=cfg["learning_rate"],
+        patience=cfg["patience"],
+        checkpoint_dir=backup,
+        seed=cfg["seed"],
+    )
+    save_model(model, snakemake.output.model)
+    finish_backup(backup, snakemake.output.history)

@@ -1,0 +1,39 @@
+"""Quantization-aware fine-tuning of the pretrained model (thin adapter over n6qat.qat)."""
+
+import pandas as pd
+
+from n6qat.model import load_model, read_labels, save_model
+from n6qat.qat import QATSettings, run_qat
+from n6qat.rulelog import rule_logging
+from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, split_datasets
+
+with rule_logging(snakemake.log[0]) as log:
+    configure_threads(snakemake.threads)
+    cfg = snakemake.params.qat
+    settings = QATSettings(
+        epochs=cfg["epochs"],
+        learning_rate=cfg["learning_rate"],
+        batch_size=cfg["batch_size"],
+        optimizer=cfg["optimizer"],
+        weight_decay=cfg["weight_decay"],
+        clipnorm=cfg["clipnorm"],
+        per_channel=cfg["per_channel"],
+        simulate_activations=cfg["simulate_activations"],
+        frozen_layers=tuple(cfg["freeze"]),
+        seed=cfg["seed"],
+    )
+    labels = read_labels(snakemake.input.labels)
+    model = load_model(snakemake.input.model)
+    train_ds, val_ds = split_datasets(
+        load_split(snakemake.input.train, snakemake.input.train_chunks),
+        load_split(snakemake.input.val, snakemake.input.val_chunks),
+        pd.read_csv(snakemake.input.upsampled, keep_default_na=False),
+        n_classes=len(labels),
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
+    backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
+    log.info("QAT: %s", settings)
+    run_qat(model, train_ds, val_ds, settings, checkpoint_dir=backup)
+    save_model(model, snakemake.output.model)
+    finish_backup(backup, snakemake.output.history)
