@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -141,7 +142,13 @@ def convert_int8(
             f"to an INT8 TFLite builtin: replace the layer named in the message. "
             f"Converter log tail:\n{_last_lines(captured.text)}"
         ) from failure
-    log.info("converted model '%s' to %d bytes of full-INT8 TFLite", name, len(tflite_bytes))
+    macs = re.search(r"equivalently ([\d.]+ \w?) *MACs", captured.text)
+    log.info(
+        "converted model '%s' to %d bytes of full-INT8 TFLite (converter estimate: %s MACs)",
+        name,
+        len(tflite_bytes),
+        macs.group(1).strip() if macs else "no",
+    )
     return bytes(tflite_bytes)
 
 
@@ -191,7 +198,11 @@ def _native_stderr_captured() -> Iterator[_Captured]:
     """
     captured = _Captured()
     sys.stderr.flush()
-    saved_fd = os.dup(2)
+    try:
+        saved_fd = os.dup(2)
+    except OSError:  # no usable stderr (closed by a daemon): nothing to capture
+        yield captured
+        return
     with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         os.dup2(sink.fileno(), 2)
@@ -208,12 +219,21 @@ def _native_stderr_captured() -> Iterator[_Captured]:
 
 
 def _converter_reason(text: str) -> str:
-    """The converter's own 'error: ...' messages, without MLIR locations; else its first line."""
-    reasons = [
-        line.rsplit("error: ", 1)[1].strip() for line in text.splitlines() if "error: " in line
-    ]
-    unique = list(dict.fromkeys(r for r in reasons if r))
-    return "; ".join(unique[:3]) if unique else (text.strip().splitlines() or [""])[0][:300]
+    """The converter's own error messages, with the graph node instead of the MLIR location."""
+    reasons = []
+    for line in text.splitlines():
+        if line.startswith(("Custom ops:", "Flex ops:")):
+            reasons.append(line.strip())
+        if "error: " not in line:
+            continue
+        reason = line.rsplit("error: ", 1)[1].strip()
+        if reason.startswith("loc("):
+            node = re.search(r'"([^"@]+)@', reason)
+            reason = reason.rsplit("): ", 1)[-1] + (f" (at {node.group(1)})" if node else "")
+        if reason and not reason.startswith("failed while converting"):
+            reasons.append(reason)
+    unique = list(dict.fromkeys(reasons))
+    return "; ".join(unique[:4]) if unique else (text.strip().splitlines() or [""])[0][:300]
 
 
 def _last_lines(text: str, count: int = 15) -> str:

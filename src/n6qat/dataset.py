@@ -43,6 +43,7 @@ REJECTED_DTYPES = {"path": "str", "source": "str", "label": "str", "reason": "st
 SPLITS = ("train", "val", "test")
 
 _HASH_CHUNK_BYTES = 1 << 20
+_BOOKKEEPING_FILES = {".snakemake_timestamp"}  # Snakemake's marker in directory outputs
 _TEXT_SNIFF_BYTES = 1024
 
 
@@ -58,7 +59,10 @@ class _Rejected(Exception):
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
-    """Yield every file under root in sorted order, following folder links at most once."""
+    """Every file under root in sorted order, following folder links at most once.
+
+    Hidden folders (.git, .ipynb_checkpoints) and Snakemake's timestamp marker are skipped.
+    """
     seen_dirs: set[str] = set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -66,9 +70,10 @@ def _walk_files(root: Path) -> Iterator[Path]:
             dirnames.clear()
             continue
         seen_dirs.add(real)
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git, checkpoints
         for name in sorted(filenames):
-            yield Path(folder, name)
+            if name not in _BOOKKEEPING_FILES:
+                yield Path(folder, name)
 
 
 def _content_hash(path: Path) -> str:
@@ -367,3 +372,9 @@ def upsample_minority(
         {"label": counts.index.astype("str"), "before": counts.values, "after": after.values}
     ).astype({"before": "int64", "after": "int64"})
     return rows, table
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read an index table back with text columns kept as text (a class named "1" stays "1")."""
+    text = {"path": str, "source": str, "label": str, "split": str, "reason": str}
+    return pd.read_csv(path, dtype=text, keep_default_na=False)

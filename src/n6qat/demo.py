@@ -32,7 +32,6 @@ FLAC_FRACTION = 0.2
 STEREO_FRACTION = 0.25
 SHORT_FRACTION, LONG_FRACTION = 0.1, 0.1
 SHORT_S, MEDIUM_S, LONG_S = (1.2, 3.0), (3.0, 12.0), (12.0, 30.0)
-CALLS_PER_S = (0.25, 0.9)
 BAND_HZ = (1000.0, 7000.0)
 SHARED_BAND_HZ = (2000.0, 4500.0)
 RUMBLE_CUTOFF_HZ = 150.0
@@ -43,12 +42,13 @@ PEAK_DBFS = (-12.0, -1.0)
 class Difficulty:
     """Knobs that make the demo task harder or easier; tune DEFAULT_DIFFICULTY."""
 
-    snr_db: tuple[float, float] = (-5.0, 20.0)
-    overlap: float = 0.35
-    distractor_prob: float = 0.5
-    distractor_db: tuple[float, float] = (-22.0, -8.0)
-    rumble_db: tuple[float, float] = (-5.0, 15.0)
-    noise_alpha: tuple[float, float] = (1.0, 2.0)
+    snr_db: tuple[float, float] = (-5.0, 20.0)  # calls vs 1-7 kHz noise, uniform per file
+    overlap: float = 0.2  # 0: species' own pitch ranges, 1: all share SHARED_BAND_HZ
+    calls_per_s: tuple[float, float] = (0.4, 1.2)  # call rate, sets n_calls per file
+    distractor_prob: float = 0.5  # chance a file has faint calls of other species
+    distractor_db: tuple[float, float] = (-22.0, -8.0)  # their level vs the file's calls
+    rumble_db: tuple[float, float] = (-5.0, 15.0)  # rumble power vs in-band noise power
+    noise_alpha: tuple[float, float] = (1.0, 2.0)  # noise 1/f^alpha: 1 pink, 2 brown
 
 
 DEFAULT_DIFFICULTY = Difficulty()
@@ -218,7 +218,7 @@ def _plan_file(seed: int, split: str, label: str, index: int, difficulty: Diffic
     channels = 2 if rng.random() < STEREO_FRACTION else 1
     duration_s = round(_draw_duration(rng) * sample_rate) / sample_rate
     snr_db = _uniform(rng, difficulty.snr_db)
-    n_calls = max(1, round(_uniform(rng, CALLS_PER_S) * duration_s))
+    n_calls = max(1, round(_uniform(rng, difficulty.calls_per_s) * duration_s))
     if label == NOISE_LABEL:
         snr_db, n_calls = float("nan"), 0
     return DemoFile(
@@ -241,6 +241,8 @@ def demo_plan(
     seed: int = 42, scale: float = 1.0, difficulty: Difficulty = DEFAULT_DIFFICULTY
 ) -> list[DemoFile]:
     """Every file of the demo set, without rendering any audio."""
+    if seed < 0:
+        raise N6QATError(f"demo seed must be a non-negative integer, got {seed!r}")
     return [
         _plan_file(seed, split, label, index, difficulty)
         for split, per_label in file_counts(scale).items()
@@ -257,7 +259,9 @@ def _blend(band: tuple[float, float], overlap: float) -> tuple[float, float]:
     )
 
 
-def _call(rng: Generator, label: str, sr: int, max_s: float, overlap: float) -> np.ndarray:
+def synthesize_call(
+    rng: Generator, label: str, sr: int, max_s: float = 2.0, overlap: float = 0.0
+) -> np.ndarray:
     """One call of a species, faded in and out, at unit RMS with a little gain jitter."""
     kind = SPECIES[label]
     n = max(2, round(min(_uniform(rng, kind.length_s), max_s) * sr))
@@ -274,7 +278,7 @@ def _target_calls(rng: Generator, spec: DemoFile, overlap: float) -> tuple[np.nd
     signal, active = np.zeros(n), np.zeros(n, dtype=bool)
     slot = n // spec.n_calls
     for i in range(spec.n_calls):
-        call = _call(rng, spec.label, sr, 0.9 * slot / sr, overlap)
+        call = synthesize_call(rng, spec.label, sr, 0.9 * slot / sr, overlap)
         start = i * slot + int(rng.integers(0, slot - call.size + 1))
         signal[start : start + call.size] += call
         active[start : start + call.size] = True
@@ -290,7 +294,7 @@ def _add_distractors(
     others = [label for label in SPECIES if label != spec.label]
     for _ in range(1 + rng.poisson(spec.duration_s / 10)):
         label = others[int(rng.integers(len(others)))]
-        call = _call(rng, label, spec.sample_rate, spec.duration_s, difficulty.overlap)
+        call = synthesize_call(rng, label, spec.sample_rate, spec.duration_s, difficulty.overlap)
         call *= np.sqrt(ref_power) * 10 ** (_uniform(rng, difficulty.distractor_db) / 20)
         start = int(rng.integers(0, signal.size - call.size + 1))
         signal[start : start + call.size] += call
@@ -371,18 +375,24 @@ def write_demo_file(out_dir: Path, spec: DemoFile, difficulty: Difficulty) -> No
     )
 
 
+MANIFEST_COLUMNS = (
+    "path",
+    "split",
+    "label",
+    "sample_rate",
+    "channels",
+    "format",
+    "subtype",
+    "duration_s",
+    "snr_db",
+    "n_calls",
+)
+
+
 def plan_manifest(plan: list[DemoFile]) -> pd.DataFrame:
-    """One row per planned file with its path, split, label, format and content."""
-    rows = [
-        {
-            "path": spec.path,
-            **{key: value for key, value in asdict(spec).items() if key not in ("seed", "index")},
-            "subtype": "PCM_16",
-        }
-        for spec in plan
-    ]
-    columns = ["path", "split", "label", "sample_rate", "channels", "format", "subtype"]
-    return pd.DataFrame(rows)[[*columns, "duration_s", "snr_db", "n_calls"]]
+    """One row per planned file: path, split, label, format and content."""
+    rows = [{**asdict(spec), "path": spec.path, "subtype": "PCM_16"} for spec in plan]
+    return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
 
 
 def _check_only_demo_files(out_dir: Path, plan: list[DemoFile]) -> None:

@@ -166,6 +166,7 @@ class _ActivationRange(keras.layers.Layer):
         self.initialized = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="initialized"
         )
+        self.built = True
 
     def call(self, inputs, training=None):
         batch_min = ops.minimum(ops.min(inputs), 0.0)
@@ -279,8 +280,8 @@ class _QuantizedOutput(keras.layers.Layer):
         self.layer = layer
         self.output_range = _ActivationRange(name=f"{layer.name}_range")
 
-    def call(self, inputs, training=None, **kwargs):
-        return self.output_range(self.layer(inputs, **kwargs), training=training)
+    def call(self, inputs, training=None):
+        return self.output_range(self.layer(inputs), training=training)
 
 
 @dataclass
@@ -312,7 +313,8 @@ def _add_folds(model: keras.Model, plan: _Plan) -> None:
     """Find conv/dense -> BN pairs whose conv output feeds only that BN."""
     if isinstance(model, keras.Sequential):
         for layer, following in zip(model.layers, model.layers[1:], strict=False):
-            if _can_fold(layer, following, len(layer.output.shape)):
+            nodes = layer._inbound_nodes  # the first is the Sequential model's own call
+            if nodes and _can_fold(layer, following, len(nodes[0].outputs[0].shape)):
                 plan.folded_into[id(layer)] = following
                 plan.folded_away.add(id(following))
         return
@@ -474,7 +476,11 @@ def _batched(dataset: tf.data.Dataset, model: keras.Model, batch_size: int, name
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """Keeps the per-epoch logs in a JSON file so a resumed run returns the whole history."""
+    """Keeps the per-epoch logs in a JSON file so a resumed run returns the whole history.
+
+    Runs before BackupAndRestore at epoch end: if a run dies between the two writes,
+    the epoch is rerun from the older checkpoint and its entry overwritten.
+    """
 
     def __init__(self, path: Path):
         super().__init__()
@@ -540,7 +546,8 @@ def run_qat(
             train,
             validation_data=val,
             epochs=settings.epochs,
-            callbacks=[log, backup, *callbacks],
+            callbacks=[log, backup, *callbacks],  # log first: see _EpochLog
+            shuffle=False,
             verbose=2,
         )
     finally:

@@ -126,9 +126,10 @@ def fit_classifier(
 
 def load_split(features_npy: Path, chunks_csv: Path) -> tuple[np.ndarray, pd.DataFrame]:
     """A split's cached features (memory-mapped) and its chunk table."""
+    from n6qat.dataset import read_table
     from n6qat.features import load_features
 
-    chunks = pd.read_csv(chunks_csv, keep_default_na=False)
+    chunks = read_table(chunks_csv)
     return load_features(features_npy), chunks
 
 

@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
-import pandas as pd
-
+from n6qat.dataset import read_table
 from n6qat.features import FeatureSettings, extract_features
 from n6qat.model import read_labels
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]):
-    split = pd.read_csv(snakemake.input.split, keep_default_na=False)
+    split = read_table(snakemake.input.split)
     files = split[split["split"] == snakemake.wildcards.split].reset_index(drop=True)
     extract_features(
         files,

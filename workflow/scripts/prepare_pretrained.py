@@ -1,7 +1,6 @@
 """Check the FP32 checkpoint against features and classes; swap the head if asked."""
 
-import pandas as pd
-
+from n6qat.dataset import read_table
 from n6qat.features import FeatureSettings
 from n6qat.model import prepare_pretrained, read_labels, save_model, write_json
 from n6qat.rulelog import rule_logging
@@ -27,7 +26,7 @@ with rule_logging(snakemake.log[0]) as log:
             model,
             load_split(snakemake.input.train, snakemake.input.train_chunks),
             load_split(snakemake.input.val, snakemake.input.val_chunks),
-            pd.read_csv(snakemake.input.upsampled, keep_default_na=False),
+            read_table(snakemake.input.upsampled),
             n_classes=len(labels),
             epochs=cfg["head_epochs"],
             batch_size=cfg["batch_size"],

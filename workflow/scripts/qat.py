@@ -1,7 +1,6 @@
 """Quantization-aware fine-tuning of the pretrained model (thin adapter over n6qat.qat)."""
 
-import pandas as pd
-
+from n6qat.dataset import read_table
 from n6qat.model import load_model, read_labels, save_model
 from n6qat.qat import QATSettings, run_qat
 from n6qat.rulelog import rule_logging
@@ -27,7 +26,7 @@ with rule_logging(snakemake.log[0]) as log:
     train_ds, val_ds = split_datasets(
         load_split(snakemake.input.train, snakemake.input.train_chunks),
         load_split(snakemake.input.val, snakemake.input.val_chunks),
-        pd.read_csv(snakemake.input.upsampled, keep_default_na=False),
+        read_table(snakemake.input.upsampled),
         n_classes=len(labels),
         batch_size=settings.batch_size,
         seed=settings.seed,

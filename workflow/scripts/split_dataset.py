@@ -1,13 +1,12 @@
 """Split train/val/test and upsample minority classes (thin adapter over n6qat.dataset)."""
 
-import pandas as pd
 
-from n6qat.dataset import assign_splits, upsample_minority
+from n6qat.dataset import assign_splits, read_table, upsample_minority
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
     p = snakemake.params
-    files = pd.read_csv(snakemake.input.files, keep_default_na=False)
+    files = read_table(snakemake.input.files)
     split = assign_splits(files, p.val_fraction, p.test_fraction, p.seed)
     upsampled, counts = upsample_minority(split[split["split"] == "train"], p.ratio, p.seed)
     log.info("files per split: %s", split["split"].value_counts().to_dict())

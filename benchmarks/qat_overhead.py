@@ -1,0 +1,96 @@
+"""Cost of a QAT train step against a plain float fine-tuning step, measured side by side.
+
+Same DS-CNN-sized model, random batch, batch size and optimizer (Adam); each step is a
+compiled Keras train step (`train_on_batch`). The variants run in alternating blocks
+within one process so that load from other jobs hits them alike; medians over many
+steps are compared. Run: `.venv/bin/python benchmarks/qat_overhead.py [--threads N]`.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import tensorflow as tf
+
+
+def build_dscnn(input_shape=(257, 128, 1), n_classes=8):
+    """DS-CNN-ish default-sized model.
+
+    TODO: switch to n6qat.model.build_dscnn once that builder exists.
+    """
+    import keras
+
+    L = keras.layers
+
+    def conv_bn_relu6(x, conv):
+        return L.ReLU(6.0)(L.BatchNormalization()(conv(x)))
+
+    inputs = keras.Input(input_shape)
+    # "Mel mixer": a learned 1x1 map from the 257 frequency bins to 64 channels.
+    x = L.Permute((3, 2, 1))(inputs)  # (1, time, freq)
+    x = L.Conv2D(64, 1, use_bias=False)(x)  # (1, time, 64)
+    x = L.Permute((3, 2, 1))(x)  # (64, time, 1)
+    x = conv_bn_relu6(x, L.Conv2D(64, 3, strides=2, padding="same", use_bias=False))
+    for filters, stride in ((64, 1), (128, 2), (128, 1), (128, 1)):
+        y = conv_bn_relu6(x, L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False))
+        y = L.BatchNormalization()(L.Conv2D(filters, 1, use_bias=False)(y))
+        if stride == 1 and x.shape[-1] == filters:
+            y = L.Add()([x, y])
+        x = L.ReLU(6.0)(y)
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(n_classes, activation="sigmoid")(x)
+    return keras.Model(inputs, outputs, name="dscnn")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="TF intra-op threads")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternating block")
+    parser.add_argument("--jit", action="store_true", help="XLA-compile every variant")
+    args = parser.parse_args()
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+    import keras
+
+    from n6qat import qat
+
+    keras.utils.set_random_seed(0)
+    model = build_dscnn()
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(32, 257, 128, 1)).astype(np.float32))
+    y = tf.constant((rng.uniform(size=(32, 8)) < 0.3).astype(np.float32))
+
+    variants = {
+        "float": model,
+        "qat": qat.build_qat_model(model),
+        "qat+act": qat.build_qat_model(model, simulate_activations=True),
+    }
+    qat.calibrate_activation_ranges(variants["qat+act"], [x])
+    for net in variants.values():
+        net.compile(
+            optimizer=keras.optimizers.Adam(1e-4, clipnorm=1.0),
+            loss="binary_crossentropy",
+            jit_compile=args.jit,
+        )
+        for _ in range(3):  # trace, compile, warm up
+            net.train_on_batch(x, y)
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    while len(times["float"]) < args.steps:
+        for name, net in variants.items():
+            for _ in range(args.block):
+                start = time.perf_counter()
+                net.train_on_batch(x, y)  # returns host values: the step has finished
+                times[name].append(time.perf_counter() - start)
+
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    print(f"threads={args.threads} jit={args.jit} steps/variant={len(times['float'])}")
+    for name, median in medians.items():
+        ratio = median / medians["float"]
+        print(f"{name:8s} median step {1000 * median:8.1f} ms   ratio to float {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
