@@ -1,9 +1,12 @@
 """Cost of a QAT train step against a plain float fine-tuning step, measured side by side.
 
 Same DS-CNN-sized model, random batch, batch size and optimizer (Adam); each step is a
-compiled Keras train step (`train_on_batch`). The variants run in alternating blocks
-within one process so that load from other jobs hits them alike; medians over many
-steps are compared. Run: `.venv/bin/python benchmarks/qat_overhead.py [--threads N]`.
+compiled Keras train step (`train_on_batch`). Two float baselines: plain fine-tuning
+(BatchNormalization in training mode, the default) and fine-tuning with BN frozen in
+inference mode as QAT runs it (BN folded into the convs by the twin). The variants run
+in alternating blocks within one process so that load from other jobs hits them alike;
+medians over many steps are compared.
+Run: `.venv/bin/python benchmarks/qat_overhead.py [--threads N] [--jit]`.
 """
 
 import argparse
@@ -62,8 +65,15 @@ def main() -> None:
     x = tf.constant(rng.normal(size=(32, 257, 128, 1)).astype(np.float32))
     y = tf.constant((rng.uniform(size=(32, 8)) < 0.3).astype(np.float32))
 
+    # Float fine-tuning with BatchNormalization frozen (inference mode, as in QAT):
+    # a separate copy, since trainable=False on shared BN layers would affect the twins.
+    frozen_bn = keras.models.clone_model(model)
+    for layer in frozen_bn.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
     variants = {
         "float": model,
+        "float-bn-frozen": frozen_bn,
         "qat": qat.build_qat_model(model),
         "qat+act": qat.build_qat_model(model, simulate_activations=True),
     }
@@ -87,9 +97,12 @@ def main() -> None:
 
     medians = {name: float(np.median(t)) for name, t in times.items()}
     print(f"threads={args.threads} jit={args.jit} steps/variant={len(times['float'])}")
+    print(f"{'variant':16s} {'median ms':>9s}  QAT/float  QAT/float-bn-frozen")
     for name, median in medians.items():
-        ratio = median / medians["float"]
-        print(f"{name:8s} median step {1000 * median:8.1f} ms   ratio to float {ratio:.3f}")
+        print(
+            f"{name:16s} {1000 * median:9.1f}  {median / medians['float']:9.3f}"
+            f"  {median / medians['float-bn-frozen']:19.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -390,12 +390,19 @@ def test_killed_run_resumes_after_the_last_finished_epoch(tmp_path):
         )  # fmt: skip
     record = _Record()
     resumed = fresh_model()
-    history = qat.run_qat(
-        resumed, _examples(64, 0), None, settings, tmp_path / "ckpt", callbacks=[record]
-    )
+    batches = _examples(64, 0).batch(16)  # batched datasets are taken as they come
+    history = qat.run_qat(resumed, batches, None, settings, tmp_path / "ckpt", callbacks=[record])
     assert record.epochs == [1]
     assert record.iterations == [steps, 2 * steps]
     assert len(history["loss"]) == 2
+
+    # A rerun after the last epoch trains no more and returns the whole history.
+    again = _Record()
+    rerun = qat.run_qat(
+        fresh_model(), batches, None, settings, tmp_path / "ckpt", callbacks=[again]
+    )
+    assert again.epochs == [] and again.iterations == [2 * steps, 2 * steps]
+    assert rerun == history
 
     uninterrupted = fresh_model()
     reference = qat.run_qat(uninterrupted, _examples(64, 0), None, settings, tmp_path / "ref")

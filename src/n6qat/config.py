@@ -26,3 +26,30 @@ def config_errors(config: dict, schema_path: str | Path) -> list[str]:
         hint = error.schema.get("description", "")
         lines.append(f"config key '{key}': {error.message}" + (f" ({hint})" if hint else ""))
     return lines
+
+
+def coerce_config(config: dict, schema_path: str | Path) -> dict:
+    """Parse string leaves where the schema wants numbers or booleans, in place.
+
+    ``snakemake --config 'qat={"epochs": 20}'`` delivers nested values as strings;
+    ``"20"`` becomes 20 here so that command-line overrides validate like the file does.
+    """
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    _coerce(config, schema)
+    return config
+
+
+def _coerce(node: dict, schema: dict) -> None:
+    for key, prop in schema.get("properties", {}).items():
+        if key not in node:
+            continue
+        value = node[key]
+        if isinstance(value, dict):
+            _coerce(value, prop)
+            continue
+        types = prop.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, str) and {"number", "integer", "boolean", "null"} & set(types):
+            parsed = yaml.safe_load(value) if value.strip() else value
+            if not isinstance(parsed, (dict, list, str)):
+                node[key] = parsed

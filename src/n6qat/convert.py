@@ -10,6 +10,7 @@ functions that need them so that importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ from n6qat.errors import N6QATError
 
 if TYPE_CHECKING:
     import keras
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -397,3 +399,80 @@ def save_validation_npz(path: Path, inputs: np.ndarray, outputs: np.ndarray) -> 
 
 def _as_io_dtype(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+def convert_and_check(
+    model: keras.Model,
+    name: str,
+    train: tuple[np.ndarray, pd.DataFrame],
+    val: tuple[np.ndarray, pd.DataFrame],
+    settings: dict,
+    out_tflite: Path,
+    out_validation: Path,
+    out_report: Path,
+) -> dict:
+    """Convert ``model`` to full INT8, check it and gate it on float-vs-INT8 agreement.
+
+    Calibration draws ``calibration_size`` loud-enough training chunks, stratified by
+    class; the agreement is measured on ``validation_size`` validation chunks, which are
+    also saved with the float model's outputs for ``stedgeai validate`` and the host check.
+    Nothing is written unless the model passes both the INT8-only check and the gate.
+    """
+    from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
+
+    (x_train, train_chunks), (x_val, val_chunks) = train, val
+    seed = settings["seed"]
+    calib = select_representative(
+        train_chunks["label_index"].to_numpy(), train_chunks["energy"].to_numpy(),
+        settings["calibration_size"], settings["calibration_energy_threshold"], seed,
+    )
+    if settings["io_dtype"] == "int8":
+        log.warning("convert.io_dtype is int8: the model's inputs and outputs are quantized; "
+                    "the firmware must quantize the features with the input scale")
+    tflite_bytes = convert_int8(
+        model, np.asarray(x_train[calib], dtype=np.float32),
+        per_channel=settings["per_channel"], io_dtype=settings["io_dtype"],
+    )
+    pick = select_representative(
+        val_chunks["label_index"].to_numpy(), val_chunks["energy"].to_numpy(),
+        settings["validation_size"], 0.0, seed,
+    )
+    inputs = np.asarray(x_val[pick], dtype=np.float32)
+    reference = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)
+    outputs = run_tflite(tflite_bytes, inputs)
+    info = read_tflite(tflite_bytes)
+    report = {
+        "model": name,
+        "size_bytes": len(tflite_bytes),
+        "op_histogram": op_histogram(info),
+        "io": io_details(info),
+        "calibration_chunks": int(len(calib)),
+        "validation_chunks": int(len(pick)),
+        "per_channel": settings["per_channel"],
+        "agreement": agreement(reference, outputs),
+        "int8_problems": int8_problems(info),
+    }
+    log.info("%s INT8: %d bytes, agreement %s", name, len(tflite_bytes), report["agreement"])
+    if report["int8_problems"]:
+        raise N6QATError(
+            f"the {name} INT8 model is not pure INT8:\n  " + "\n  ".join(report["int8_problems"])
+        )
+    cosine = report["agreement"]["cosine"]
+    if not cosine >= settings["min_cosine"]:
+        raise N6QATError(
+            f"the {name} INT8 model agrees with its float model with cosine {cosine:.4f}, "
+            f"below convert.min_cosine={settings['min_cosine']}. What usually helps: QAT "
+            "(or more QAT epochs), per-channel weights (convert.per_channel: true), a "
+            "larger or more representative calibration set (convert.calibration_size, "
+            "convert.calibration_energy_threshold), or inputs with a smaller dynamic range."
+        )
+    _write_atomically(out_tflite, tflite_bytes)
+    save_validation_npz(out_validation, inputs, reference)
+    _write_atomically(out_report, (json.dumps(report, indent=2, default=float) + "\n").encode())
+    return report
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -176,28 +176,20 @@ class _ActivationRange(keras.layers.Layer):
             self.range_max.assign(ops.maximum(self.range_max, batch_max))
             return inputs
         if training:
-            seen = self.initialized > 0
-            self.range_min.assign(
-                ops.where(
-                    seen,
-                    ops.add(RANGE_MOMENTUM * self.range_min, (1 - RANGE_MOMENTUM) * batch_min),
-                    batch_min,
-                )
-            )
-            self.range_max.assign(
-                ops.where(
-                    seen,
-                    ops.add(RANGE_MOMENTUM * self.range_max, (1 - RANGE_MOMENTUM) * batch_max),
-                    batch_max,
-                )
-            )
+            self._track(self.range_min, batch_min)
+            self._track(self.range_max, batch_max)
             self.initialized.assign(1.0)
+        # Nudges the range so that 0 is exactly representable, as TFLite's int8 does.
         quantized = tf.quantization.fake_quant_with_min_max_vars(
             inputs, self.range_min, self.range_max, num_bits=8, narrow_range=False
         )
         if training:
             return quantized
         return ops.where(self.initialized > 0, quantized, inputs)
+
+    def _track(self, bound, batch_value) -> None:
+        moving = RANGE_MOMENTUM * bound + (1.0 - RANGE_MOMENTUM) * batch_value
+        bound.assign(ops.where(self.initialized > 0, moving, batch_value))
 
 
 class _QuantizedLayer(keras.layers.Layer):
@@ -212,7 +204,8 @@ class _QuantizedLayer(keras.layers.Layer):
         super().__init__(name=f"{layer.name}_qat")
         self.layer = layer
         self.batch_norm = batch_norm
-        self.channel_axis = quantization_channel_axis(layer) if per_channel else None
+        self.out_axis = quantization_channel_axis(layer)
+        self.channel_axis = self.out_axis if per_channel else None
         self.output_range = (
             _ActivationRange(name=f"{layer.name}_range") if quantize_output else None
         )
@@ -222,13 +215,9 @@ class _QuantizedLayer(keras.layers.Layer):
         bias = self.layer.bias if self.layer.use_bias else None
         if self.batch_norm is not None:
             factor, offset = _batch_norm_factor_and_offset(self.batch_norm)
-            kernel = kernel * ops.reshape(factor, kernel.shape[self.first_out_axis :])
+            kernel = kernel * ops.reshape(factor, kernel.shape[self.out_axis :])
             bias = offset if bias is None else bias * factor + offset
         return fake_quantize_weights(kernel, self.channel_axis), bias
-
-    @property
-    def first_out_axis(self) -> int:
-        return quantization_channel_axis(self.layer)
 
     def call(self, inputs, training=None):
         kernel, bias = self.quantized_kernel_and_bias()
@@ -464,14 +453,16 @@ def _optimizer(settings: QATSettings) -> keras.optimizers.Optimizer:
 
 
 def _batched(dataset: tf.data.Dataset, model: keras.Model, batch_size: int, name: str):
+    """Batch a dataset of single examples; one that yields batches is used as it is."""
     spec = dataset.element_spec
-    example_rank = len(model.inputs[0].shape) - 1
-    if not (isinstance(spec, tuple) and len(spec) == 2 and len(spec[0].shape) == example_rank):
+    rank = len(model.inputs[0].shape)
+    if not (isinstance(spec, tuple) and len(spec) == 2 and len(spec[0].shape) in (rank - 1, rank)):
         raise N6QATError(
-            f"{name} must yield single (features, target) examples with features of rank "
-            f"{example_rank} (model input {tuple(model.inputs[0].shape)} without the batch "
-            f"axis); got element_spec {spec}. Do not batch it: QAT batches with qat.batch_size."
+            f"{name} must yield (features, target) pairs with features shaped like the "
+            f"model input {tuple(model.inputs[0].shape)} (batched or not); got {spec}."
         )
+    if len(spec[0].shape) == rank:
+        return dataset
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -512,7 +503,8 @@ def run_qat(
 ) -> dict[str, list[float]]:
     """Fine-tune `model` in place on the INT8 simulation; return the per-epoch history.
 
-    The datasets yield unbatched (features, target) examples. Validation runs on the
+    The datasets yield (features, target) examples, batched here with
+    `settings.batch_size`, or batches, used as they come. Validation runs on the
     quantized twin. A checkpoint of weights, optimizer state and epoch is written to
     `checkpoint_dir` after every epoch; rerunning with the same directory continues
     after the last finished epoch (and returns at once if all epochs are done).
@@ -533,10 +525,7 @@ def run_qat(
         twin.compile(
             optimizer=_optimizer(settings),
             loss=loss,
-            metrics=[
-                keras.metrics.BinaryAccuracy(name="binary_accuracy"),
-                keras.metrics.AUC(name="auc"),
-            ],
+            metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="acc")],
         )
         log = _EpochLog(checkpoint_dir / "history.json")
         backup = keras.callbacks.BackupAndRestore(

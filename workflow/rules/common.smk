@@ -9,9 +9,10 @@ from snakemake.utils import validate
 # Scripts import the n6qat package from this checkout, also inside --sdm conda envs.
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
-from n6qat.config import config_errors
+from n6qat.config import coerce_config, config_errors
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
+coerce_config(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
 _problems = config_errors(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
 if _problems:
     raise WorkflowError("invalid configuration:\n  " + "\n  ".join(_problems))

@@ -1,0 +1,74 @@
+"""The real workflow, run by Snakemake on a tiny generated demo tree in a temporary folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests/config/tiny.yaml"
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
+        "--directory", str(workdir), "--configfile", str(TINY), "--cores", "2", *args,
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("wf")
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_data_stage_outputs(run):
+    files = pd.read_csv(run / "results/index/files.csv")
+    labels = (run / "results/index/labels.txt").read_text().split()
+    assert len(labels) == 8 and "noise" not in labels
+    assert {"path", "label", "source", "duration", "sample_rate", "channels", "size_bytes",
+            "content_hash"} <= set(files.columns)
+    split = pd.read_csv(run / "results/index/split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    counts = pd.read_csv(run / "results/index/class_counts.csv")
+    assert (counts["after"] >= counts["before"]).all()
+    for name in ("train", "val", "test"):
+        feats = np.load(run / f"results/features/{name}.npy", mmap_mode="r")
+        chunks = pd.read_csv(run / f"results/features/{name}_chunks.csv")
+        assert feats.shape == (len(chunks), 129, 32, 1)
+
+
+def test_int8_models_are_clean_and_agree(run):
+    from n6qat.tflite_inspect import int8_problems, read_tflite
+
+    for model in ("ptq", "qat"):
+        info = read_tflite(run / f"results/model_{model}_int8.tflite")
+        assert int8_problems(info) == []
+        report = json.loads((run / f"results/convert/{model}.json").read_text())
+        assert report["agreement"]["cosine"] >= 0.8
+        val = np.load(run / f"results/model_{model}_int8_validation.npz")
+        assert val["m_inputs_1"].shape[1:] == (129, 32, 1)
+
+
+def test_qat_model_loads_without_custom_objects(run):
+    import keras
+
+    model = keras.saving.load_model(run / "results/model/qat.keras", compile=False)
+    assert model.output_shape == (None, 8)
+
+
+def test_second_run_has_nothing_to_do(run):
+    result = snakemake(run, "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
