@@ -47,7 +47,8 @@ def test_mel_mixer_starts_as_the_mel_filter_bank(model):
 
 def test_label_mismatch_lists_the_differences():
     check_labels(["a", "b"], ["a", "b"], "m")
-    with pytest.raises(N6QATError, match=r"(?s)not in the model: \['c'\].*not in the data: \['b'\]"):
+    differences = r"(?s)not in the model: \['c'\].*not in the data: \['b'\]"
+    with pytest.raises(N6QATError, match=differences):
         check_labels(["a", "b"], ["a", "c"], "m")
     with pytest.raises(N6QATError, match="different order"):
         check_labels(["b", "a"], ["a", "b"], "m")

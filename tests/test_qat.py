@@ -133,22 +133,37 @@ def _examples(n: int, seed: int) -> tf.data.Dataset:
 # ---------------------------------------------------------------- weight grid
 
 
-def test_rounding_ties_go_away_from_zero_like_the_converter():
-    # One input channel, scale exactly 1 per output channel: codes are the values rounded.
-    kernel = np.zeros((1, 1, 8, 2), np.float32)
-    kernel[0, 0, :, 0] = [127, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 0.49999997]
-    kernel[0, 0, :, 1] = [-127, 4.5, 5.5, -4.5, -5.5, 100.5, -100.5, 6.5]
-    inputs = keras.Input((2, 2, 8))
-    model = keras.Model(inputs, L.Conv2D(2, 1, name="c")(inputs))
-    model.get_layer("c").set_weights([kernel, np.zeros(2, np.float32)])
+def _near_ties(rng, n_in: int, n_out: int) -> np.ndarray:
+    """Kernel whose values sit on or one float step off code + 0.5, at odd scales."""
+    kernel = np.zeros((1, 1, n_in, n_out), np.float32)
+    for c in range(n_out):
+        max_abs = np.float32(rng.uniform(0.01, 3.0))
+        scale = max_abs / np.float32(127)
+        ties = ((rng.integers(-126, 126, n_in - 1) + 0.5) * scale).astype(np.float32)
+        step = rng.choice([-1.0, 0.0, 1.0], n_in - 1).astype(np.float32)
+        kernel[0, 0, :, c] = [max_abs, *np.nextafter(ties, ties + step * np.abs(ties))]
+    return kernel
 
-    _, [(_, codes, scales, _, _)] = _weighted_ops(_convert(model, True, (2, 2, 8)))
-    mine = qat.fake_quantize_weights(kernel, channel_axis=3).numpy()
+
+def test_rounding_matches_the_converter_on_and_near_ties():
+    # Channels 0-1: scale exactly 1, so the codes are the values rounded half away from 0.
+    # Channels 2-17: values within one float step of a tie at odd scales, where only the
+    # converter's arithmetic (w * (1 / scale) in float32) gives its codes.
+    exact = np.zeros((1, 1, 64, 2), np.float32)
+    exact[0, 0, :8, 0] = [127, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, 0.49999997]
+    exact[0, 0, :8, 1] = [-127, 4.5, 5.5, -4.5, -5.5, 100.5, -100.5, 6.5]
+    kernel = np.concatenate([exact, _near_ties(np.random.default_rng(0), 64, 16)], axis=3)
+    inputs = keras.Input((2, 2, 64))
+    model = keras.Model(inputs, L.Conv2D(18, 1, name="c")(inputs))
+    model.get_layer("c").set_weights([kernel, np.zeros(18, np.float32)])
+
+    _, [(_, codes, scales, _, _)] = _weighted_ops(_convert(model, True, (2, 2, 64)))
+    mine = qat.fake_quantize_weights(kernel, channel_axis=3).numpy()[0, 0]
 
     expected = [[127, 1, 2, 3, -1, -3, 4, 0], [-127, 5, 6, -5, -6, 101, -101, 7]]
-    np.testing.assert_array_equal(scales, [1.0, 1.0])
-    np.testing.assert_array_equal(codes[:, 0, 0, :], expected)
-    np.testing.assert_array_equal(mine[0, 0].T, expected)
+    np.testing.assert_array_equal(scales[:2], [1.0, 1.0])
+    np.testing.assert_array_equal(codes[:2, 0, 0, :8], expected)
+    np.testing.assert_array_equal(mine, codes[:, 0, 0, :].T.astype(np.float32) * scales)
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
@@ -224,6 +239,7 @@ def test_twin_shares_variables_and_runs_batch_norm_on_moving_statistics():
     model = keras.Model(inputs, outputs)
     _randomize_batch_norms(model, np.random.default_rng(4))
     twin = qat.build_qat_model(model, frozen_layers=("head",))
+    assert isinstance(twin.get_layer("bn_qat"), qat._InferenceBatchNorm)
 
     model_variables = {id(v) for v in model.weights}
     assert {id(v) for v in twin.weights} == model_variables
@@ -272,7 +288,13 @@ def test_activation_ranges_calibrate_then_track_in_the_train_step():
         for layer in qat._twin_layers(twin)
         if isinstance(layer, qat._ActivationRange)
     }
-    assert set(ranges) == {"r1_range", "r2_range", "add_range"}  # not the sigmoid output
+    # Every tensor the converter stores as int8: the input (read by c1 and skip), ReLU6
+    # outputs (conv+BN+ReLU6 and ADD+ReLU6 are fused ops), the BN-folded depthwise output
+    # and the skip conv output feeding ADD, the pooled vector; not the sigmoid output.
+    assert set(ranges) == {
+        "c1_input_range", "skip_input_range", "r1_range", "b2_folded_range", "skip_range",
+        "r2_range", "pool_range",
+    }
     x = np.random.default_rng(6).normal(size=(32, 8, 8, 1)).astype(np.float32)
     plain = qat.build_qat_model(model)(x).numpy()
 

@@ -458,14 +458,18 @@ def convert_and_check(
             f"the {name} INT8 model is not pure INT8:\n  " + "\n  ".join(report["int8_problems"])
         )
     cosine = report["agreement"]["cosine"]
-    if not cosine >= settings["min_cosine"]:
-        raise N6QATError(
+    report["gate_passed"] = bool(cosine >= settings["min_cosine"])
+    if not report["gate_passed"]:
+        message = (
             f"the {name} INT8 model agrees with its float model with cosine {cosine:.4f}, "
             f"below convert.min_cosine={settings['min_cosine']}. What usually helps: QAT "
             "(or more QAT epochs), per-channel weights (convert.per_channel: true), a "
             "larger or more representative calibration set (convert.calibration_size, "
             "convert.calibration_energy_threshold), or inputs with a smaller dynamic range."
         )
+        if name in settings.get("gate_models", [name]):
+            raise N6QATError(message)
+        log.warning("%s (not gated: %s is not in convert.gate_models)", message, name)
     _write_atomically(out_tflite, tflite_bytes)
     save_validation_npz(out_validation, inputs, reference)
     _write_atomically(out_report, (json.dumps(report, indent=2, default=float) + "\n").encode())

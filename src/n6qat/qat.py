@@ -1,28 +1,32 @@
 """Quantization-aware fine-tuning on the TFLite converter's exact full-INT8 weight grid.
 
-`build_qat_model` makes a twin of a Keras model that shares every variable with it:
-Conv2D / DepthwiseConv2D / Dense layers are replaced by wrappers that run the op with
-their fake-quantized kernel, BatchNormalization runs on its moving statistics (folded
-into the preceding layer exactly as the converter folds it), everything else is the
-original layer object. Training the twin trains the original model, which keeps its
-plain architecture and is what gets saved and converted.
+`build_qat_model` makes a twin of a Keras model with `keras.models.clone_model`, whose
+clone function returns the original layer object for layers that need no change (so
+all variables are shared) and thin wrappers holding the original Conv2D /
+DepthwiseConv2D / Dense / BatchNormalization for the rest. Wrappers run the op with
+the fake-quantized kernel inside the compiled train step; BatchNormalization runs on
+its moving statistics, folded into the preceding layer where the converter folds it.
+Training the twin trains the original model, which keeps its plain architecture and
+is what gets saved and converted. The wrappers are never serialized.
 
 The weight grid is the one the TF 2.21 converter writes (checked against converted
 models in tests/test_qat.py): int8 in [-127, 127], zero point 0,
 scale = max|w| / 127 per output channel (or per tensor), code = round(w * (1 / scale))
-in float32 with ties rounded away from zero, BatchNormalization folded into the
-kernel (w * gamma / sqrt(var + eps)) before quantizing.
+in float32 with ties rounded away from zero. A BatchNormalization after a linear
+Conv2D / DepthwiseConv2D / Dense (Dense too) is folded into its kernel,
+w * gamma * rsqrt(var + eps), before quantizing; the twin quantizes that same folded
+kernel, which matches per-channel and per-tensor weights alike.
 
-The twin's wrappers are never serialized; only the original model is saved.
-Not handled yet (passed through in float): layers nested inside custom layers
-(e.g. a Conv2D inside a custom frontend layer), SeparableConv2D, Conv1D, Conv2DTranspose.
+Not handled yet (run in float by the twin, though the converter quantizes them):
+Conv2D etc. nested inside custom layers (e.g. a custom frontend layer),
+SeparableConv2D, Conv1D, Conv2DTranspose.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -43,7 +47,7 @@ CALIBRATION_BATCHES = 8
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
-_ACTIVATION_LAYERS = (
+_QUANTIZED_OUTPUT_LAYERS = (
     keras.layers.Activation,
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
@@ -51,6 +55,10 @@ _ACTIVATION_LAYERS = (
     keras.layers.ELU,
     keras.layers.Softmax,
     keras.layers.Add,
+    keras.layers.Concatenate,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.MaxPooling2D,
 )
 """Layers whose int8 output tensor is simulated when `simulate_activations` is on."""
 
@@ -71,6 +79,7 @@ class QATSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen_layers", tuple(self.frozen_layers))
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1, got {self.epochs}")
@@ -261,6 +270,18 @@ class _FoldedAway(keras.layers.Layer):
         return inputs
 
 
+class _QuantizedInput(keras.layers.Layer):
+    """Fake-quantizes the model input (the converter's input QUANTIZE), then runs the layer."""
+
+    def __init__(self, layer, name: str):
+        super().__init__(name=f"{name}_in_qat")
+        self.layer = layer
+        self.input_range = _ActivationRange(name=f"{name}_input_range")
+
+    def call(self, inputs, training=None, mask=None):
+        return self.layer(self.input_range(inputs, training=training))
+
+
 class _QuantizedOutput(keras.layers.Layer):
     """Runs an activation / Add layer, then fake-quantizes its output to int8."""
 
@@ -269,7 +290,7 @@ class _QuantizedOutput(keras.layers.Layer):
         self.layer = layer
         self.output_range = _ActivationRange(name=f"{layer.name}_range")
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, mask=None):
         return self.output_range(self.layer(inputs), training=training)
 
 
@@ -280,6 +301,8 @@ class _Plan:
     folded_into: dict[int, keras.layers.BatchNormalization]
     folded_away: set[int]
     output_layers: set[int]
+    fused_outputs: set[int] = field(default_factory=set)
+    input_consumers: set[int] = field(default_factory=set)
 
 
 def _is_weight_layer(layer) -> bool:
@@ -336,10 +359,42 @@ def _all_layers(model: keras.Model):
             yield from _all_layers(layer)
 
 
+def _fuses_into_producer(layer, plan: _Plan) -> bool:
+    """Whether the converter merges `layer` into the op before it (folded BN, ReLU/ReLU6)."""
+    if id(layer) in plan.folded_away:
+        return True
+    if isinstance(layer, keras.layers.ReLU):
+        return not layer.negative_slope and not layer.threshold and layer.max_value in (None, 6)
+    if isinstance(layer, keras.layers.Activation):
+        return layer.activation in (keras.activations.relu, keras.activations.relu6)
+    return False
+
+
+def _add_quantization_points(model: keras.Model, plan: _Plan) -> None:
+    """Tensors the converter does not quantize (fused away) and layers reading model inputs."""
+    if isinstance(model, keras.Sequential):
+        pairs = zip(model.layers, model.layers[1:], strict=False)
+        plan.fused_outputs |= {id(a) for a, b in pairs if _fuses_into_producer(b, plan)}
+        plan.input_consumers |= {id(model.layers[0])} if model.layers else set()
+        return
+    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    consumers: dict[int, list] = {}
+    for node in nodes:
+        for tensor in node.input_tensors:
+            consumers.setdefault(id(tensor), []).append(node.operation)
+    for node in nodes:
+        users = [u for t in node.outputs for u in consumers.get(id(t), [])]
+        if len(users) == 1 and _fuses_into_producer(users[0], plan):
+            plan.fused_outputs.add(id(node.operation))
+    for tensor in model.inputs:
+        plan.input_consumers |= {id(user) for user in consumers.get(id(tensor), [])}
+
+
 def _make_plan(model: keras.Model) -> _Plan:
     plan = _Plan(folded_into={}, folded_away=set(), output_layers=set())
     for sub in [model, *(m for m in _all_layers(model) if isinstance(m, keras.Model))]:
         _add_folds(sub, plan)
+    _add_quantization_points(model, plan)
     plan.output_layers = {id(t._keras_history.operation) for t in model.outputs}
     return plan
 
@@ -374,36 +429,48 @@ def build_qat_model(
         layers[name].trainable = False
     plan = _make_plan(model)
 
+    def quantizes_output(layer) -> bool:
+        """The converter stores this layer's output as an int8 tensor of its own."""
+        return (
+            simulate_activations
+            and id(layer) not in plan.output_layers
+            and id(layer) not in plan.fused_outputs
+        )
+
     def twin_layer(layer):
         if id(layer) in plan.folded_away:
-            return _FoldedAway(name=f"{layer.name}_folded")
-        if _is_weight_layer(layer):
-            quantize_output = (
-                simulate_activations
-                and layer.activation is not keras.activations.linear
-                and id(layer) not in plan.output_layers
+            twin = _FoldedAway(name=f"{layer.name}_folded")
+            twin = _QuantizedOutput(twin) if quantizes_output(layer) else twin
+        elif _is_weight_layer(layer):
+            twin = _QuantizedLayer(
+                layer, plan.folded_into.get(id(layer)), per_channel, quantizes_output(layer)
             )
-            return _QuantizedLayer(
-                layer, plan.folded_into.get(id(layer)), per_channel, quantize_output
-            )
-        if isinstance(layer, keras.layers.BatchNormalization):
-            return _InferenceBatchNorm(layer)
-        if (
-            simulate_activations
-            and isinstance(layer, _ACTIVATION_LAYERS)
-            and id(layer) not in plan.output_layers
-        ):
-            return _QuantizedOutput(layer)
-        return layer
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            twin = _InferenceBatchNorm(layer)
+            twin = _QuantizedOutput(twin) if quantizes_output(layer) else twin
+        elif isinstance(layer, _QUANTIZED_OUTPUT_LAYERS) and quantizes_output(layer):
+            twin = _QuantizedOutput(layer)
+        else:
+            twin = layer
+        if simulate_activations and id(layer) in plan.input_consumers:
+            twin = _QuantizedInput(twin, layer.name)
+        return twin
 
     return keras.models.clone_model(model, clone_function=twin_layer, recursive=True)
 
 
 def _twin_layers(qat_model: keras.Model):
+    """Every layer of the twin, wrappers' inner layers and range quantizers included."""
     for layer in _all_layers(qat_model):
-        yield layer
-        if isinstance(layer, _QuantizedLayer | _QuantizedOutput) and layer.output_range:
-            yield layer.output_range
+        yield from _wrapped(layer)
+
+
+def _wrapped(layer):
+    yield layer
+    for attr in ("layer", "output_range", "input_range"):
+        inner = getattr(layer, attr, None)
+        if isinstance(inner, keras.layers.Layer) and inner is not layer:
+            yield from _wrapped(inner)
 
 
 def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable[np.ndarray]) -> None:
@@ -485,7 +552,9 @@ class _EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         entry = {key: float(value) for key, value in (logs or {}).items()}
         self.epochs = [*self.epochs[:epoch], entry]
-        self.path.write_text(json.dumps(self.epochs))
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.epochs))
+        partial.replace(self.path)
 
     def history(self) -> dict[str, list[float]]:
         keys = dict.fromkeys(key for entry in self.epochs for key in entry)

@@ -190,3 +190,12 @@ def finish_backup(checkpoint_dir: Path, history_out: Path | None) -> None:
         shutil.copyfile(checkpoint_dir / "history.csv", tmp)
         os.replace(tmp, history_out)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def write_history(history: dict[str, list[float]], path: Path) -> None:
+    """Per-epoch metrics as a CSV (one row per epoch), written atomically."""
+    import os
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    pd.DataFrame(history).rename_axis("epoch").to_csv(tmp)
+    os.replace(tmp, path)

@@ -4,7 +4,14 @@ from n6qat.dataset import read_table
 from n6qat.model import load_model, read_labels, save_model
 from n6qat.qat import QATSettings, run_qat
 from n6qat.rulelog import rule_logging
-from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, split_datasets
+from n6qat.train import (
+    backup_dir,
+    configure_threads,
+    finish_backup,
+    load_split,
+    split_datasets,
+    write_history,
+)
 
 with rule_logging(snakemake.log[0]) as log:
     configure_threads(snakemake.threads)
@@ -33,6 +40,7 @@ with rule_logging(snakemake.log[0]) as log:
     )
     backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
     log.info("QAT: %s", settings)
-    run_qat(model, train_ds, val_ds, settings, checkpoint_dir=backup)
+    history = run_qat(model, train_ds, val_ds, settings, checkpoint_dir=backup)
     save_model(model, snakemake.output.model)
-    finish_backup(backup, snakemake.output.history)
+    write_history(history, snakemake.output.history)
+    finish_backup(backup, None)

@@ -1,0 +1,146 @@
+# STM32N6 NPU stage: the host-side check (always) and ST Edge AI's stedgeai (when found).
+# Whether stedgeai exists is decided inside the step scripts, so the jobs are the same
+# with or without it; without it each step records {"available": false}.
+
+
+# The stedgeai steps each model's report reads: validate only with a board attached.
+STEDGEAI_STEPS = ["analyze", "generate"]
+if config["stedgeai"]["board"]:
+    STEDGEAI_STEPS.append("validate")
+
+
+rule npu_host_check:
+    input:
+        model="results/model_{model}_int8.tflite",
+        validation="results/model_{model}_int8_validation.npz",
+    output:
+        json="results/npu/{model}_host_check.json",
+        txt="results/npu/{model}_host_check.txt",
+    log:
+        "logs/npu/{model}_host_check.log",
+    benchmark:
+        "benchmarks/runs/npu_host_check_{model}.tsv"
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    params:
+        strict=config["npu"]["strict"],
+    script:
+        "../scripts/npu_host_check.py"
+
+
+rule npu_stedgeai_analyze:
+    input:
+        model="results/model_{model}_int8.tflite",
+    output:
+        folder=directory("results/npu/stedgeai/{model}/analyze"),
+    log:
+        "logs/npu/{model}_stedgeai_analyze.log",
+    benchmark:
+        "benchmarks/runs/npu_stedgeai_analyze_{model}.tsv"
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        step="analyze",
+        stedgeai=config["stedgeai"],
+    script:
+        "../scripts/npu_stedgeai.py"
+
+
+rule npu_stedgeai_generate:
+    input:
+        model="results/model_{model}_int8.tflite",
+    output:
+        folder=directory("results/npu/stedgeai/{model}/generate"),
+    log:
+        "logs/npu/{model}_stedgeai_generate.log",
+    benchmark:
+        "benchmarks/runs/npu_stedgeai_generate_{model}.tsv"
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        step="generate",
+        stedgeai=config["stedgeai"],
+    script:
+        "../scripts/npu_stedgeai.py"
+
+
+rule npu_stedgeai_validate:
+    input:
+        model="results/model_{model}_int8.tflite",
+        validation="results/model_{model}_int8_validation.npz",
+    output:
+        folder=directory("results/npu/stedgeai/{model}/validate"),
+    log:
+        "logs/npu/{model}_stedgeai_validate.log",
+    benchmark:
+        "benchmarks/runs/npu_stedgeai_validate_{model}.tsv"
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        step="validate",
+        stedgeai=config["stedgeai"],
+    script:
+        "../scripts/npu_stedgeai.py"
+
+
+rule npu_stedgeai_report:
+    input:
+        expand("results/npu/stedgeai/{{model}}/{step}", step=STEDGEAI_STEPS),
+    output:
+        "results/npu/{model}_stedgeai.json",
+    log:
+        "logs/npu/{model}_stedgeai_report.log",
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    script:
+        "../scripts/npu_stedgeai_report.py"
+
+
+rule npu_summary:
+    input:
+        host=expand("results/npu/{model}_host_check.json", model=INT8_MODELS),
+        stedgeai=expand("results/npu/{model}_stedgeai.json", model=INT8_MODELS),
+    output:
+        "results/npu/summary.json",
+    log:
+        "logs/npu/summary.log",
+    conda:
+        "../../envs/tf.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        models=INT8_MODELS,
+    script:
+        "../scripts/npu_summary.py"
