@@ -18,7 +18,9 @@ if _problems:
     raise WorkflowError("invalid configuration:\n  " + "\n  ".join(_problems))
 validate(config, schema=CONFIG_SCHEMA)  # fills in the defaults
 os.environ.update(
-    PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_SRC, os.environ.get("PYTHONPATH")]))
+    PYTHONPATH=os.pathsep.join(
+        filter(None, [PACKAGE_SRC, os.environ.get("PYTHONPATH")])
+    )
 )
 
 DEMO_ROOT = "resources/demo"
