@@ -12,6 +12,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/convert.smk"
+include: "workflow/rules/npu.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -20,3 +22,5 @@ rule all:
         "results/model_qat_int8.tflite",
         "results/model_ptq_int8.tflite",
         expand("results/convert/{model}.json", model=INT8_MODELS),
+        "results/npu/summary.json",
+        "results/eval/summary.csv",

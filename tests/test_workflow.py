@@ -72,3 +72,16 @@ def test_second_run_has_nothing_to_do(run):
     result = snakemake(run, "-n")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_host_check_and_evaluation(run):
+    summary = json.loads((run / "results/npu/summary.json").read_text())
+    assert summary  # the comparison file exists even without stedgeai
+    for model in ("ptq", "qat"):
+        check = json.loads((run / f"results/npu/{model}_host_check.json").read_text())
+        assert check["clean"] and check["error_count"] == 0
+        assert (run / f"results/npu/{model}_host_check.txt").read_text().strip()
+    table = pd.read_csv(run / "results/eval/summary.csv")
+    assert list(table["model"]) == ["fp32", "qat_fp32", "ptq_int8", "qat_int8"]
+    assert table["file_top1_accuracy"].between(0, 1).all()
+    assert table.loc[2:, "host_latency_ms_median"].gt(0).all()

@@ -126,3 +126,80 @@ def confusion(
     counts = np.zeros((len(names), len(names)), dtype=np.int64)
     np.add.at(counts, (truth, pred), 1)
     return pd.DataFrame(counts, index=pd.Index(names, name="true"), columns=names)
+
+
+MODEL_NAMES = {
+    "fp32": "pretrained FP32 (Keras)",
+    "qat_fp32": "QAT FP32 (Keras)",
+    "ptq_int8": "PTQ INT8 (TFLite)",
+    "qat_int8": "QAT INT8 (TFLite)",
+}
+
+
+def predict(model_path: str, x: np.ndarray) -> np.ndarray:
+    """Chunk scores of a ``.keras`` model (Keras) or a ``.tflite`` model (LiteRT)."""
+    if str(model_path).endswith(".tflite"):
+        from n6qat.convert import run_tflite
+
+        return run_tflite(model_path, x)
+    from n6qat.model import load_model
+
+    return np.asarray(load_model(model_path).predict(x, batch_size=64, verbose=0))
+
+
+def host_latency_ms(tflite_path: str, x: np.ndarray, runs: int, num_threads: int = 1) -> dict:
+    """Per-chunk host inference time of a TFLite model: median and p95 in milliseconds."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(tflite_path), num_threads=num_threads)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    times = []
+    for i in range(runs + 3):
+        sample = x[i % len(x)][None].astype(detail["dtype"])
+        interpreter.set_tensor(detail["index"], sample)
+        start = time.perf_counter()
+        interpreter.invoke()
+        if i >= 3:  # warm-up
+            times.append((time.perf_counter() - start) * 1000.0)
+    return {
+        "host_latency_ms_median": float(np.median(times)),
+        "host_latency_ms_p95": float(np.percentile(times, 95)),
+    }
+
+
+def evaluate_scores(
+    scores: dict[str, np.ndarray],
+    chunks: pd.DataFrame,
+    labels: list[str],
+    pooling: str = "mean",
+    threshold: float = 0.5,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Summary (one row per model, file and chunk level), per-class table, confusions."""
+    rows, per_class, confusions = [], [], {}
+    chunk_labels = chunks["label_index"].to_numpy()
+    for name, chunk_scores in scores.items():
+        file_scores, file_labels, _ = pool_files(chunk_scores, chunks, pooling)
+        row = {"model": name, "description": MODEL_NAMES.get(name, name)}
+        row.update({f"file_{k}": v for k, v in
+                    summary_metrics(file_scores, file_labels, labels, threshold).items()})
+        row.update({f"chunk_{k}": v for k, v in
+                    summary_metrics(chunk_scores, chunk_labels, labels, threshold).items()})
+        row["files"] = len(file_labels)
+        row["chunks"] = len(chunk_labels)
+        rows.append(row)
+        table = per_class_metrics(file_scores, file_labels, labels, threshold)
+        per_class.append(table.assign(model=name))
+        confusions[name] = confusion(file_scores, file_labels, labels, threshold)
+    return pd.DataFrame(rows), pd.concat(per_class, ignore_index=True), confusions
+
+
+def save_scores(path: str, scores: np.ndarray, **extra: float) -> None:
+    """Chunk scores (and scalars such as latencies) as ``.npz``, written atomically."""
+    import os
+
+    tmp = str(path).removesuffix(".npz") + ".tmp.npz"
+    np.savez(tmp, scores=scores, **extra)
+    os.replace(tmp, path)

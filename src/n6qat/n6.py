@@ -693,12 +693,14 @@ def format_metrics_table(rows: dict[str, dict], samples: int | None = None) -> l
     title = "Evaluation report (INT8 model vs float model" + (
         f", {samples} samples)" if samples is not None else ")"
     )
-    header = f"{'Output':<22}" + "".join(f"{name:<14}" for name in METRIC_NAMES)
-    lines = [title, header]
+    lines = [title, _table_line("Output", METRIC_NAMES)]
     for name, metrics in rows.items():
-        cells = [_metric_cell(key, metrics.get(key)) for key in METRIC_NAMES]
-        lines.append(f"{name:<22}" + "".join(f"{cell:<14}" for cell in cells))
+        lines.append(_table_line(name, [_metric_cell(k, metrics.get(k)) for k in METRIC_NAMES]))
     return lines
+
+
+def _table_line(first: str, cells) -> str:
+    return (f"{first:<22}" + "".join(f"{cell:<14}" for cell in cells)).rstrip()
 
 
 def _metric_cell(name: str, value: float | None) -> str:

@@ -724,7 +724,8 @@ def _first(values):
 
 def headline_numbers(steps: dict[str, dict], c_info: dict | None) -> dict:
     """MACC, parameters, weights and activations bytes, epochs and validation, taken from
-    the first report that has them (analyze, generate, validate), then network_c_info.json."""
+    the first report that has them (analyze, generate, validate), then from
+    network_c_info.json, then from the memory usage totals."""
     ordered = [steps[s] for s in STEPS if s in steps]
     footprint = (c_info or {}).get("memory_footprint") or {}
     total = _first(s["memory_total"] for s in ordered) or {}
@@ -735,15 +736,15 @@ def headline_numbers(steps: dict[str, dict], c_info: dict | None) -> dict:
         "weights_bytes": _first(
             [
                 *(s["summary"]["weights_bytes"] for s in ordered),
-                total.get("weights"),
                 _int_or_none(footprint.get("weights")),
+                total.get("weights"),  # kB with 3 decimals: the least exact
             ]
         ),
         "activations_bytes": _first(
             [
                 *(s["summary"]["activations_bytes"] for s in ordered),
-                total.get("activations"),
                 _int_or_none(footprint.get("activations")),
+                total.get("activations"),  # kB with 3 decimals: the least exact
             ]
         ),
         "memory_pools": _first(s["memory_pools"] or None for s in ordered) or [],

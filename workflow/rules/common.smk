@@ -77,3 +77,16 @@ def keras_model_for(wildcards):
     return {"ptq": "results/model/pretrained.keras", "qat": "results/model/qat.keras"}[
         wildcards.model
     ]
+
+
+EVAL_MODELS = ["fp32", "qat_fp32", "ptq_int8", "qat_int8"]
+
+
+def model_file_for(wildcards):
+    """The model file behind an evaluation name."""
+    return {
+        "fp32": "results/model/pretrained.keras",
+        "qat_fp32": "results/model/qat.keras",
+        "ptq_int8": "results/model_ptq_int8.tflite",
+        "qat_int8": "results/model_qat_int8.tflite",
+    }[wildcards.name]
