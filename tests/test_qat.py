@@ -290,10 +290,11 @@ def test_activation_ranges_calibrate_then_track_in_the_train_step():
     }
     # Every tensor the converter stores as int8: the input (read by c1 and skip), ReLU6
     # outputs (conv+BN+ReLU6 and ADD+ReLU6 are fused ops), the BN-folded depthwise output
-    # and the skip conv output feeding ADD, the pooled vector; not the sigmoid output.
+    # and the skip conv output feeding ADD, the pooled vector, the head's logits (its
+    # FULLY_CONNECTED output, before LOGISTIC); not the sigmoid output itself.
     assert set(ranges) == {
         "c1_input_range", "skip_input_range", "r1_range", "b2_folded_range", "skip_range",
-        "r2_range", "pool_range",
+        "r2_range", "pool_range", "head_logit_range",
     }
     x = np.random.default_rng(6).normal(size=(32, 8, 8, 1)).astype(np.float32)
     plain = qat.build_qat_model(model)(x).numpy()
@@ -431,3 +432,26 @@ def test_killed_run_resumes_after_the_last_finished_epoch(tmp_path):
     for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(history["loss"], reference["loss"], rtol=1e-5)
+
+
+def test_ranges_follow_the_calibration_set_not_batches(tmp_path):
+    """With a calibration set, ranges are its min/max, fixed within each epoch."""
+
+    class RangeProbe(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            ranges = [layer for layer in qat._twin_layers(self.model)
+                      if isinstance(layer, qat._ActivationRange)]
+            self.seen.append({r.name: float(r.range_max) for r in ranges})
+
+    model = _tiny_model()
+    calibration = 3 * np.random.default_rng(9).normal(size=(48, 8, 8, 1)).astype(np.float32)
+    settings = qat.QATSettings(epochs=1, batch_size=16, simulate_activations=True)
+    probe = RangeProbe()
+    qat.run_qat(model, _examples(64, 0), None, settings, tmp_path / "ck",
+                callbacks=[probe], calibration=calibration)
+    assert len(probe.seen) == 4 and all(seen == probe.seen[0] for seen in probe.seen)
+    assert probe.seen[0]["c1_input_range"] == pytest.approx(float(calibration.max()))

@@ -81,7 +81,7 @@ rule qat:
         runtime=120,
     params:
         qat=config["qat"],
-        calibration_size=config["convert"]["calibration_size"],
+        calibration=config["convert"],
         backup="results/model/.backup/qat",
     script:
         "../scripts/qat.py"
