@@ -4,7 +4,8 @@
 #   bash tests/slurm/run_slurm_test.sh        (from the repository root, as root)
 #
 # Installs slurm-wlm and munge from Debian if missing, starts a private munged, slurmctld
-# and slurmd (state, spool, logs and key in a temporary folder, loopback ports only),
+# and slurmd (state, spool, logs and key in a temporary folder, loopback ports only; the
+# configuration is linked to /etc/slurm/slurm.conf for the run and unlinked after),
 # runs the tiny workflow locally for reference and then with `--profile profiles/slurm`,
 # preempts the QAT job mid-training (SLURM requeues it, it resumes from its last epoch),
 # checks SLURM's job records and logs and compares the outputs with the local run's,
@@ -23,7 +24,9 @@ DAEMON_TIMEOUT="${N6QAT_SLURM_DAEMON_TIMEOUT:-60}"
 RUN_TIMEOUT="${N6QAT_SLURM_RUN_TIMEOUT:-1500}"
 CONFIGS=("$ROOT/tests/config/tiny.yaml" "$HERE/preemptible.yaml")
 QAT_EPOCHS=8 # as in preemptible.yaml
+SYSTEM_CONF=/etc/slurm/slurm.conf
 WORK=""
+LINKED_CONF=0
 DAEMON_PIDS=()
 STATUS=1
 
@@ -101,10 +104,31 @@ write_config() {
         -e "s|@CTLD_PORT@|${ports[0]}|" -e "s|@SLURMD_PORT@|${ports[1]}|" \
         -e "s|@CPUS@|$cpus|" -e "s|@MEMORY@|$memory|" \
         "$HERE/slurm.conf.in" >"$WORK/etc/slurm.conf"
-    echo "NodeName=$host Name=gpu Count=1" >"$WORK/etc/gres.conf"
+    echo "NodeName=$host Name=gpu File=/dev/null" >"$WORK/etc/gres.conf" # a stand-in device
     : >"$WORK/plugstack.conf"
     export SLURM_CONF="$WORK/etc/slurm.conf"
     CPUS=$cpus
+}
+
+# srun inside the jobs reads the default path: the jobstep plugin drops SLURM_* variables,
+# SLURM_CONF too, from the environment it starts srun with.
+link_system_conf() {
+    if [ -L "$SYSTEM_CONF" ] && [ ! -e "$SYSTEM_CONF" ]; then
+        rm -f "$SYSTEM_CONF" # left by a killed run
+    fi
+    if [ -e "$SYSTEM_CONF" ]; then
+        fail "$SYSTEM_CONF exists (-> $(readlink -f "$SYSTEM_CONF")): another SLURM test is running or this host has its own SLURM; the test needs that path for its configuration"
+    fi
+    mkdir -p "$(dirname "$SYSTEM_CONF")"
+    ln -s "$SLURM_CONF" "$SYSTEM_CONF"
+    LINKED_CONF=1
+}
+
+unlink_system_conf() {
+    if [ "$LINKED_CONF" = 1 ] && [ "$(readlink "$SYSTEM_CONF")" = "$SLURM_CONF" ]; then
+        rm -f "$SYSTEM_CONF"
+    fi
+    LINKED_CONF=0
 }
 
 # ---------------------------------------------------------------------------- daemons
@@ -115,7 +139,7 @@ wait_until() { # wait_until SECONDS WHAT COMMAND...: poll COMMAND until it succe
     local deadline=$((SECONDS + limit))
     until "$@" >/dev/null 2>&1; do
         if ((SECONDS >= deadline)); then
-            tail -n 20 "$WORK"/log/*.log "$WORK"/log/*.out 2>/dev/null >&2 || true
+            tail -n 20 "$WORK"/log/*.log "$WORK"/log/*.out >&2 2>/dev/null || true
             fail "$what did not come up within ${limit}s (logs above)"
         fi
         sleep 0.5
@@ -178,6 +202,7 @@ cleanup() {
     trap - EXIT INT TERM
     [ -n "${SMK_PID:-}" ] && kill "$SMK_PID" 2>/dev/null
     stop_cluster
+    unlink_system_conf
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if [ "${N6QAT_SLURM_KEEP:-0}" = 1 ]; then
             say "kept $WORK"
@@ -225,6 +250,7 @@ main() {
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     write_config
+    link_system_conf
     start_cluster
     export PATH="$VENV/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2
 
