@@ -25,12 +25,22 @@ from n6qat.errors import N6QATError
 log = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("linear", "mel")
-MAGNITUDE_SCALES = ("none", "sqrt", "db")
+MAGNITUDE_SCALES = ("none", "sqrt", "db", "pwl")
+NORMALIZATIONS = ("peak", "minmax")
+
+# BirdNET-STM32's offline magnitude curve on min-max scaled magnitudes: knots and slopes.
+PWL_MINMAX_KNOTS = (0.10, 0.35, 0.65)
+PWL_MINMAX_SLOPES = (0.40, 0.25, 0.15, 0.08)
 
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """How a chunk of audio becomes a model input of shape (bins, spec_width, 1)."""
+    """How a chunk of audio becomes a model input of shape (bins, spec_width, 1).
+
+    ``normalization="peak"`` scales each chunk to peak 1 and the spectrum by the window;
+    ``"minmax"`` (BirdNET-STM32's) leaves both raw and scales each finished spectrogram
+    to [0, 1]. ``center`` centres frame i on sample i * hop (zero padding), as librosa.
+    """
 
     kind: str = "linear"
     sample_rate: int = 16000
@@ -45,10 +55,17 @@ class FeatureSettings:
     max_chunks_per_file: int = 10
     min_chunk_energy: float = 0.1
     hop_length: int | None = field(default=None)
+    center: bool = False
+    normalization: str = "peak"
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
             raise N6QATError(f"features.kind must be one of {FEATURE_KINDS}, got {self.kind!r}")
+        if self.normalization not in NORMALIZATIONS:
+            raise N6QATError(
+                f"features.normalization must be one of {NORMALIZATIONS}, "
+                f"got {self.normalization!r}"
+            )
         if self.magnitude_scale not in MAGNITUDE_SCALES:
             raise N6QATError(
                 f"features.magnitude_scale must be one of {MAGNITUDE_SCALES}, "
@@ -128,9 +145,18 @@ def select_chunks(energy: np.ndarray, negative: bool, settings: FeatureSettings)
 
 
 def stft_magnitude(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
-    """Linear STFT magnitude (n, n_fft/2+1, spec_width) of peak-normalised chunks."""
-    peak = np.max(np.abs(chunks), axis=1, keepdims=True)
-    chunks = chunks / np.where(peak > 1e-8, peak, 1.0)
+    """Linear STFT magnitude (n, n_fft/2+1, spec_width) of the chunks.
+
+    With peak normalization the chunks are peak-normalised and the spectrum divided by
+    half the window sum; with min-max, the plain |STFT| (scaled later in `spectrogram`).
+    """
+    peak_normalized = settings.normalization == "peak"
+    if peak_normalized:
+        peak = np.max(np.abs(chunks), axis=1, keepdims=True)
+        chunks = chunks / np.where(peak > 1e-8, peak, 1.0)
+    if settings.center:
+        half = settings.n_fft // 2
+        chunks = np.pad(chunks, ((0, 0), (half, half)))
     need = settings.frames_needed
     if chunks.shape[1] < need:
         chunks = np.pad(chunks, ((0, 0), (0, need - chunks.shape[1])))
@@ -139,7 +165,8 @@ def stft_magnitude(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     window = np.hanning(settings.n_fft + 1)[:-1].astype(np.float32)
     frames = chunks[:, idx] * window  # (n, spec_width, n_fft)
     spectrum = np.abs(np.fft.rfft(frames, axis=-1)).astype(np.float32)
-    spectrum /= np.sum(window) / 2.0
+    if peak_normalized:
+        spectrum /= np.sum(window) / 2.0
     return np.transpose(spectrum, (0, 2, 1))
 
 
@@ -159,13 +186,28 @@ def mel_basis(settings: FeatureSettings) -> np.ndarray:
 
 
 def scale_magnitude(spec: np.ndarray, scale: str) -> np.ndarray:
-    """Compress magnitudes: none, square root, or decibels mapped to [0, 1] over 80 dB."""
+    """Compress magnitudes (n, bins, frames): none, square root, decibels mapped to [0, 1]
+    over 80 dB, or pwl: BirdNET-STM32's piecewise-linear curve on min-max scaled values."""
     if scale == "sqrt":
         return np.sqrt(spec)
     if scale == "db":
         db = 20.0 * np.log10(np.maximum(spec, 1e-4))
         return np.clip((db + 80.0) / 80.0, 0.0, 1.0).astype(np.float32)
+    if scale == "pwl":
+        x = minmax_scale(spec)
+        out = PWL_MINMAX_SLOPES[0] * x
+        for knot, slope in zip(PWL_MINMAX_KNOTS, PWL_MINMAX_SLOPES[1:], strict=True):
+            out = out + slope * np.maximum(x - knot, 0.0)
+        return out.astype(np.float32)
     return spec
+
+
+def minmax_scale(spec: np.ndarray) -> np.ndarray:
+    """Each spectrogram (first axis) shifted and scaled to [0, 1], as BirdNET-STM32 does."""
+    axes = tuple(range(1, spec.ndim))
+    low = np.min(spec, axis=axes, keepdims=True)
+    high = np.max(spec, axis=axes, keepdims=True)
+    return ((spec - low) / (high - low + 1e-10)).astype(np.float32)
 
 
 def spectrogram(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
@@ -174,6 +216,8 @@ def spectrogram(chunks: np.ndarray, settings: FeatureSettings) -> np.ndarray:
     if settings.kind == "mel":
         spec = np.einsum("mf,nft->nmt", mel_basis(settings), spec)
     spec = scale_magnitude(spec, settings.magnitude_scale)
+    if settings.normalization == "minmax":
+        spec = minmax_scale(spec)
     return spec[..., None].astype(np.float32)
 
 

@@ -115,11 +115,14 @@ def load_model(path: Path, safe_mode: bool = True):
     """
     import keras
 
+    from n6qat.birdnet import checkpoint_layout  # also registers BirdNET-STM32's layers
+
     path = Path(path)
     if not path.is_file():
         raise N6QATError(f"model.pretrained: no such file {path}")
     try:
-        return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+        with checkpoint_layout(path):
+            return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types; the user needs the message
         hint = ""
         if "safe_mode" in str(exc) or "Lambda" in str(exc):

@@ -236,9 +236,9 @@ show_failure() { # show_failure LOG WHAT
 }
 
 # Flags for this test cluster only: it has no accounting database (job states from
-# squeue), jobs are short (first status check after 2 s) and the SLURM logs are kept
-# as evidence.
-SLURM_TEST_FLAGS=(--slurm-status-command squeue --slurm-init-seconds-before-status-checks 2
+# squeue), jobs are short (first status check after 6 s, most are done by then) and the
+# SLURM logs are kept as evidence.
+SLURM_TEST_FLAGS=(--slurm-status-command squeue --slurm-init-seconds-before-status-checks 6
     --slurm-keep-successful-logs)
 
 main() {

@@ -313,11 +313,11 @@ def verify_gpu(log_text: str) -> str:
         raise CheckFailed(f"expected one submitted job (QAT), got {len(submitted)}")
     slurm_id = submitted[0][1]
     record = slurm_jobs()[slurm_id]
-    gpus = record.get("TresPerJob", "") + record.get("TRES", "")
-    if rule_of(record) != "qat" or record["JobState"] != "COMPLETED" or "gpu" not in gpus:
+    gres = record.get("TresPerJob", "")
+    if rule_of(record) != "qat" or record["JobState"] != "COMPLETED" or "gpu:1" not in gres:
         raise CheckFailed(f"GPU job {slurm_id}: rule {rule_of(record)}, "
-                          f"state {record['JobState']}, TRES {gpus!r}")
-    return f"GPU switch: QAT job {slurm_id} COMPLETED with {record.get('TresPerJob')} ({gpus})"
+                          f"state {record['JobState']}, TresPerJob {gres!r}")
+    return f"QAT job {slurm_id} COMPLETED on a GPU allocation (TresPerJob={gres})"
 
 
 # ---------------------------------------------------------------------------- main
