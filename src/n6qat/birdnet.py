@@ -54,8 +54,8 @@ SIDECAR_FRONTENDS = {"hybrid": "linear", "librosa": "mel", "precomputed": "mel"}
 """Sidecar `audio_frontend` values n6qat reads, and the feature kind each one needs."""
 
 _UNSUPPORTED = {
-    "raw": "a raw-waveform frontend (strided Conv2D filterbank)",
-    "tf": "a raw-waveform frontend (strided Conv2D filterbank)",
+    "raw": "a raw-waveform frontend, a strided Conv2D filterbank",
+    "tf": "a raw-waveform frontend, a strided Conv2D filterbank",
     "mfcc": "MFCC features",
     "log_mel": "log1p mel features",
     "pcen": "PCEN-like magnitude scaling",
@@ -442,7 +442,7 @@ def read_sidecar(path: Path) -> dict:
 def check_sidecar(model: keras.Model, features: dict, source: str) -> None:
     """Stop when the model's frontend was built for other audio settings than `features`."""
     pairs = {"sample_rate": "sample_rate", "fft_length": "n_fft", "spec_width": "spec_width",
-             "mel_bins": "n_mels"}
+             "mel_bins": "n_mels", "chunk_duration": "chunk_duration"}
     for layer in model.layers:
         if not isinstance(layer, AudioFrontendLayer):
             continue

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from n6qat.atomic import atomic_path, write_bytes, write_text
 from n6qat.errors import N6QATError
 
 if TYPE_CHECKING:
@@ -385,16 +386,8 @@ def save_validation_npz(path: Path, inputs: np.ndarray, outputs: np.ndarray) -> 
         VALIDATION_OUTPUT_KEY: _as_io_dtype(outputs),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            np.savez(handle, **arrays)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _as_io_dtype(array: np.ndarray) -> np.ndarray:
@@ -470,13 +463,7 @@ def convert_and_check(
         if name in settings.get("gate_models", [name]):
             raise N6QATError(message)
         log.warning("%s (not gated: %s is not in convert.gate_models)", message, name)
-    _write_atomically(out_tflite, tflite_bytes)
+    write_bytes(out_tflite, tflite_bytes)
     save_validation_npz(out_validation, inputs, reference)
-    _write_atomically(out_report, (json.dumps(report, indent=2, default=float) + "\n").encode())
+    write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")
     return report
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

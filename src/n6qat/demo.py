@@ -10,7 +10,6 @@ larger one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 import soundfile as sf
 from scipy.fft import next_fast_len
 
+from n6qat.atomic import atomic_path
 from n6qat.errors import N6QATError
 
 Generator = np.random.Generator
@@ -356,12 +356,8 @@ def render_demo_file(spec: DemoFile, difficulty: Difficulty = DEFAULT_DIFFICULTY
 
 def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary name in the same folder, so no half file gets the name."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_demo_file(out_dir: Path, spec: DemoFile, difficulty: Difficulty) -> None:
@@ -404,7 +400,7 @@ def _check_only_demo_files(out_dir: Path, plan: list[DemoFile]) -> None:
         path
         for split in SPLITS
         for path in (out_dir / split).rglob("*")
-        if path.is_file() and path not in planned and not path.name.endswith(".partial")
+        if path.is_file() and path not in planned and ".partial" not in path.name
     ]
     if foreign:
         raise N6QATError(

@@ -198,8 +198,7 @@ def evaluate_scores(
 
 def save_scores(path: str, scores: np.ndarray, **extra: float) -> None:
     """Chunk scores (and scalars such as latencies) as ``.npz``, written atomically."""
-    import os
+    from n6qat.atomic import atomic_path
 
-    tmp = str(path).removesuffix(".npz") + ".tmp.npz"
-    np.savez(tmp, scores=scores, **extra)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, scores=scores, **extra)

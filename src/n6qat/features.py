@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from n6qat.atomic import atomic_path
 from n6qat.errors import N6QATError
 
 log = logging.getLogger(__name__)
@@ -274,9 +274,8 @@ def extract_features(
     table["row"] = np.arange(len(table))
     shape = (len(table), *settings.input_shape)
     _write_npy(out_npy, arrays, shape)
-    tmp = out_chunks.with_name(out_chunks.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out_chunks)
+    with atomic_path(out_chunks) as tmp:
+        table.to_csv(tmp, index=False)
     elapsed = time.perf_counter() - started
     audio_s = float(files["duration"].clip(upper=settings.max_duration).sum())
     log.info(
@@ -294,15 +293,14 @@ def _run_jobs(jobs: list, workers: int) -> list:
 
 
 def _write_npy(path: Path, arrays: list[np.ndarray], shape: tuple[int, ...]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-    pos = 0
-    for block in arrays:
-        out[pos : pos + len(block)] = block
-        pos += len(block)
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        pos = 0
+        for block in arrays:
+            out[pos : pos + len(block)] = block
+            pos += len(block)
+        out.flush()
+        del out
 
 
 def load_features(npy: Path) -> np.ndarray:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from n6qat.atomic import atomic_path, write_text
 from n6qat.errors import N6QATError
 from n6qat.features import FeatureSettings, mel_basis
 
@@ -182,10 +182,8 @@ def replace_head(model, n_classes: int, seed: int = 0):
 
 def save_model(model, path: Path) -> None:
     """Save atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
 
 
 def read_labels(path: Path) -> list[str]:
@@ -193,9 +191,7 @@ def read_labels(path: Path) -> list[str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
 def checkpoint_labels(checkpoint: Path, labels_file: str = "") -> list[str] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from n6qat.n6 import CPURAM2_BYTES, NPU_BANK_BYTES, NPU_BANKS
+from n6qat.n6 import CPURAM2_BYTES, METRIC_NAMES, NPU_BANK_BYTES, NPU_BANKS
 
 MODEL_LABELS = {
     "fp32": "FP32",
@@ -164,6 +164,7 @@ def plot_summary(summary: pd.DataFrame):
         ticks = [SUMMARY_METRICS[m].split(" ", 1)[1] for m in metrics]
         ax.set_xticks(np.arange(len(metrics)), ticks)
         ax.set_ylim(0, 1.1)
+        ax.set_xlabel("metric")
         ax.set_ylabel("score (0–1, higher is better)")
         ax.set_title(f"{level.capitalize()} level, test split")
         ax.grid(axis="y", alpha=0.3)
@@ -332,7 +333,8 @@ def dequantize(codes: np.ndarray, scales, zero_points, axis: int = 0) -> np.ndar
     if scales.size > 1:
         shape = [1] * codes.ndim
         shape[axis] = scales.size
-        scales, zero_points = scales.reshape(shape), zero_points.reshape(shape)
+        zero_points = np.broadcast_to(zero_points, scales.shape).reshape(shape)
+        scales = scales.reshape(shape)
     return (codes - zero_points) * scales
 
 
@@ -587,25 +589,25 @@ def _stedgeai_rows(tool: dict) -> dict:
         return {"stedgeai": "not found: only the host check ran"}
     head = tool.get("headline") or {}
     epochs = head.get("epochs") or {}
+    software_ops = [r["op"] for r in epochs.get("software_ops", [])]
     rows = {
         "stedgeai": f"version {tool.get('version') or '?'}",
         "MACC (stedgeai)": _number(head.get("macc"), ","),
         "weights (stedgeai, KiB)": _number(_kib(head.get("weights_bytes")), ".1f"),
         "activations (stedgeai, KiB)": _number(_kib(head.get("activations_bytes")), ".1f"),
-        "epochs HW / SW (stedgeai)": f"{epochs.get('hardware')} / {epochs.get('software')}",
-        "software epochs' ops (stedgeai)": ", ".join(
-            r["op"] for r in epochs.get("software_ops", [])
-        )
-        or "none",
+        "epochs HW / SW (stedgeai)": (
+            f"{_number(epochs.get('hardware'), 'd')} / {_number(epochs.get('software'), 'd')}"
+        ),
+        "software epochs' ops (stedgeai)": ", ".join(software_ops) or "none",
     }
     for pool in head.get("memory_pools") or []:
+        used, size = _kib(pool.get("used_bytes")), _kib(pool.get("size_bytes"))
         rows[f"pool {pool['name']} used (stedgeai, KiB)"] = (
-            f"{pool['used_bytes'] / KIB:.1f} of {pool['size_bytes'] / KIB:.0f}"
+            f"{_number(used, '.1f')} of {_number(size, '.0f')}"
         )
     for row in head.get("validation") or []:
-        name = f"validate {row.get('name') or row.get('mode') or ''}".strip()
-        values = {k: v for k, v in row.items() if k not in {"name", "mode"}}
-        rows[name] = ", ".join(f"{k} {_cell(v)}" for k, v in values.items())
+        metrics = [f"{k} {row[k]:.4g}" for k in METRIC_NAMES if row.get(k) is not None]
+        rows[f"validate: {row.get('row', '?')} (stedgeai)"] = ", ".join(metrics) or "–"
     return rows
 
 

@@ -181,21 +181,20 @@ def pretrain(
 
 def finish_backup(checkpoint_dir: Path, history_out: Path | None) -> None:
     """Move the finished run's history to its output and drop the epoch backups."""
-    import os
     import shutil
+
+    from n6qat.atomic import atomic_path
 
     checkpoint_dir = Path(checkpoint_dir)
     if history_out is not None:
-        tmp = Path(history_out).with_name(Path(history_out).name + ".tmp")
-        shutil.copyfile(checkpoint_dir / "history.csv", tmp)
-        os.replace(tmp, history_out)
+        with atomic_path(history_out) as tmp:
+            shutil.copyfile(checkpoint_dir / "history.csv", tmp)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def write_history(history: dict[str, list[float]], path: Path) -> None:
     """Per-epoch metrics as a CSV (one row per epoch), written atomically."""
-    import os
+    from n6qat.atomic import atomic_path
 
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    pd.DataFrame(history).rename_axis("epoch").to_csv(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).rename_axis("epoch").to_csv(tmp)

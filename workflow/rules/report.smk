@@ -22,20 +22,15 @@ REPORT_OUTPUTS = [
 ]
 
 
-def converted_models(wildcards):
-    """Each INT8 model's .tflite and the float .keras it was converted from."""
-    return {
-        "keras": [keras_model_for(SimpleNamespace(model=m)) for m in INT8_MODELS],
-        "tflite": expand("results/model_{model}_int8.tflite", model=INT8_MODELS),
-    }
-
-
-def training_histories(wildcards):
-    """QAT's history, and pretraining's when this run trained the FP32 model itself."""
-    histories = {"qat": "results/model/qat_history.csv"}
-    if not config["model"]["pretrained"]:
-        histories["pretrain"] = "results/model/pretrain_history.csv"
-    return histories
+# Each INT8 model's .tflite and the float .keras it was converted from.
+CONVERTED_MODELS = {
+    "keras": [keras_model_for(SimpleNamespace(model=m)) for m in INT8_MODELS],
+    "tflite": expand("results/model_{model}_int8.tflite", model=INT8_MODELS),
+}
+# QAT's history, and pretraining's when this run trained the FP32 model itself.
+TRAINING_HISTORIES = {"qat": "results/model/qat_history.csv"}
+if not config["model"]["pretrained"]:
+    TRAINING_HISTORIES["pretrain"] = "results/model/pretrain_history.csv"
 
 
 rule report_summary:
@@ -71,7 +66,7 @@ rule report_summary:
 
 rule report_curves:
     input:
-        unpack(training_histories),
+        **TRAINING_HISTORIES,
     output:
         figure=report(
             "results/report/training_curves.png",
@@ -158,7 +153,7 @@ rule report_output_scatter:
 
 rule report_weight_sqnr:
     input:
-        unpack(converted_models),
+        **CONVERTED_MODELS,
     output:
         figure=report(
             "results/report/weight_sqnr.png",
