@@ -7,11 +7,12 @@ compute the same function, for the modes `hybrid` (linear STFT magnitude in, 1x1
 mixer, ReLU, magnitude scaling) and `precomputed` (mel spectrogram in, passed through),
 with magnitude scaling `pwl` (1x1 depthwise branches, ReLU, Add) or `none`.
 
-Two weight layouts exist. Up to BirdNET-STM32 commit 0786e1c (April 2026) the
-frontend holds the PWL branches itself ("legacy"); from 2b523c6 on they sit in a nested
-`MagnitudeScalingLayer` ("current"), and from 35c747a the hybrid path divides the mel
-energies by their per-sample maximum before scaling. The layer configs are identical, so
-`checkpoint_layout` reads the layout from the weights file while a model loads.
+Two weight layouts exist. Before BirdNET-STM32 commit 2b523c6 (16 April 2026) the
+frontend holds the PWL branches itself ("legacy"); from then on they sit in a nested
+`MagnitudeScalingLayer` ("current"), and from 35c747a (17 April 2026) the hybrid path
+divides the mel energies by their per-sample maximum before scaling. The layer configs
+are identical, so `checkpoint_layout` reads the layout from the weights file while a
+model loads.
 `unfold_frontend` rewrites a loaded model's frontend as plain Keras layers, which QAT
 quantizes and the converter maps one to one.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
-import json
 import re
 import zipfile
 from collections.abc import Iterator
@@ -33,48 +33,23 @@ from keras import ops
 
 from n6qat.errors import N6QATError
 from n6qat.features import PWL_MINMAX_KNOTS, PWL_MINMAX_SLOPES
+from n6qat.sidecar import (  # noqa: F401  (re-exported: the sidecar API lives there)
+    BIRDNET_FMIN,
+    MAGNITUDE_SCALES,
+    SIDECAR_FRONTENDS,
+    SIDECAR_KEYS,
+    read_sidecar,
+    require_supported,
+    sidecar_path,
+)
 
 FRONTEND_MODES = ("hybrid", "precomputed")
-MAGNITUDE_SCALES = ("pwl", "none")
 LAYOUTS = ("legacy", "current")
 PEAK_EPSILON = 1e-6
-BIRDNET_FMIN = 150.0
-"""BirdNET-STM32's offline mel features always start at 150 Hz and end at sr // 2."""
-
-SIDECAR_KEYS = {
-    "sample_rate": "sample_rate",
-    "fft_length": "n_fft",
-    "spec_width": "spec_width",
-    "chunk_duration": "chunk_duration",
-    "num_mels": "n_mels",
-}
-"""Sidecar keys taken as they are, and the FeatureSettings field each one sets."""
-
-SIDECAR_FRONTENDS = {"hybrid": "linear", "librosa": "mel", "precomputed": "mel"}
-"""Sidecar `audio_frontend` values n6qat reads, and the feature kind each one needs."""
-
-_UNSUPPORTED = {
-    "raw": "a raw-waveform frontend, a strided Conv2D filterbank",
-    "tf": "a raw-waveform frontend, a strided Conv2D filterbank",
-    "mfcc": "MFCC features",
-    "log_mel": "log1p mel features",
-    "pcen": "PCEN-like magnitude scaling",
-    "db": "decibel magnitude scaling",
-}
-
 _LAYOUT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "n6qat_birdnet_layout", default=None
 )
 _FRONTEND_GROUP = re.compile(r"(^|/)audio_frontend_layer(_\d+)?$")
-
-
-def _require(kind: str, key: str, value: str, supported: tuple[str, ...]) -> None:
-    if value not in supported:
-        what = _UNSUPPORTED.get(value, "an unknown setting")
-        raise N6QATError(
-            f"BirdNET-STM32 {kind} with {key}={value!r} ({what}) is not supported by n6qat; "
-            f"supported: {', '.join(supported)}. Retrain the checkpoint with one of those."
-        )
 
 
 def weight_layout(path: Path) -> str | None:
@@ -137,7 +112,7 @@ class MagnitudeScalingLayer(keras.layers.Layer):
     def __init__(self, method="none", channels=64, pcen_K=8, is_trainable=False,
                  name="mag_scale", **kwargs):
         super().__init__(name=name, **kwargs)
-        _require("MagnitudeScalingLayer", "method", method, MAGNITUDE_SCALES)
+        require_supported("MagnitudeScalingLayer", "method", method, MAGNITUDE_SCALES)
         self.method = method
         self.channels = int(channels)
         self.pcen_K = int(pcen_K)
@@ -192,8 +167,8 @@ class AudioFrontendLayer(keras.layers.Layer):
                  mel_norm="slaney", mag_scale="pwl", is_trainable=False, layout=None,
                  peak_normalize=None, name="audio_frontend", **kwargs):
         super().__init__(name=name, **kwargs)
-        _require("AudioFrontendLayer", "mode", mode, FRONTEND_MODES)
-        _require("AudioFrontendLayer", "mag_scale", mag_scale, MAGNITUDE_SCALES)
+        require_supported("AudioFrontendLayer", "mode", mode, FRONTEND_MODES)
+        require_supported("AudioFrontendLayer", "mag_scale", mag_scale, MAGNITUDE_SCALES)
         layout = layout or _LAYOUT.get() or "current"
         if layout not in LAYOUTS:
             raise N6QATError(f"AudioFrontendLayer layout must be one of {LAYOUTS}, got {layout!r}")
@@ -382,61 +357,6 @@ def _plain_pwl(x, branches, trainable: bool):
         relu = layers.ReLU(name=f"{shift.name}_relu")(copy(shift, x))
         terms.append(copy(slope, relu))
     return layers.Add(name=f"{k0.name[: -len('_k0_dw')]}_add")(terms)
-
-
-def sidecar_path(checkpoint: Path) -> Path:
-    """`<stem>_model_config.json` beside the checkpoint."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.stem + "_model_config.json")
-
-
-def read_sidecar(path: Path) -> dict:
-    """FeatureSettings fields for the input a BirdNET-STM32 checkpoint expects.
-
-    Takes sample_rate, fft_length (n_fft), spec_width, chunk_duration, num_mels (n_mels),
-    audio_frontend (hybrid: linear features; librosa/precomputed: mel), mag_scale (for
-    librosa the features' own PWL or none) and checks hop_length. BirdNET-STM32 always
-    uses a centred Hann STFT, hop = chunk samples // spec_width, mel bands 150 Hz to
-    sr // 2, and min-max scales each spectrogram to [0, 1]; those are set too.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise N6QATError(f"cannot read the BirdNET-STM32 model config {path}: {exc}") from exc
-    missing = sorted({*SIDECAR_KEYS, "audio_frontend"} - set(data))
-    if missing:
-        raise N6QATError(f"{path}: the model config lacks the keys {missing}")
-    frontend = data["audio_frontend"]
-    mag_scale = data.get("mag_scale", "none")
-    try:
-        _require("model config", "audio_frontend", frontend, tuple(SIDECAR_FRONTENDS))
-        _require("model config", "mag_scale", mag_scale, MAGNITUDE_SCALES)
-    except N6QATError as exc:
-        raise N6QATError(f"{path}: {exc}") from None
-    settings = {field: data[key] for key, field in SIDECAR_KEYS.items()}
-    settings = {**settings, "sample_rate": int(settings["sample_rate"]),
-                "n_fft": int(settings["n_fft"]), "spec_width": int(settings["spec_width"]),
-                "n_mels": int(settings["n_mels"]),
-                "chunk_duration": float(settings["chunk_duration"])}
-    hop = int(round(settings["sample_rate"] * settings["chunk_duration"])) // settings["spec_width"]
-    if int(data.get("hop_length", hop)) != hop:
-        raise N6QATError(
-            f"{path}: hop_length={data['hop_length']} disagrees with sample_rate x "
-            f"chunk_duration // spec_width = {hop}, the hop BirdNET-STM32's feature code "
-            "uses; correct the model config."
-        )
-    kind = SIDECAR_FRONTENDS[frontend]
-    return {
-        **settings,
-        "kind": kind,
-        "hop_length": hop,
-        "fmin": BIRDNET_FMIN,
-        "fmax": float(settings["sample_rate"] // 2),
-        "magnitude_scale": mag_scale if kind == "mel" else "none",
-        "center": True,
-        "normalization": "minmax",
-    }
 
 
 def check_sidecar(model: keras.Model, features: dict, source: str) -> None:

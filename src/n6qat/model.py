@@ -111,7 +111,8 @@ def _ds_block(x, channels: int, out: int, stride: int, name: str):
 def load_model(path: Path, safe_mode: bool = True):
     """Load a ``.keras`` checkpoint, with Keras' safe mode on unless the user opted out.
 
-    Safe mode refuses Lambda layers that would run code stored in the file.
+    Safe mode refuses Lambda layers that would run code stored in the file. BirdNET-STM32
+    frontend layers are built in the weight layout the file has (`n6qat.birdnet`).
     """
     import keras
 
@@ -213,14 +214,20 @@ def prepare_pretrained(
     safe_mode: bool = True,
     replace: bool = False,
     seed: int = 0,
+    train_frontend: bool = True,
 ):
     """Load and check a checkpoint against the features and the dataset's classes.
+
+    A BirdNET-STM32 frontend layer is checked against the features and rebuilt from
+    plain Keras layers (QAT then quantizes its convolutions like any other; with
+    ``train_frontend`` false they stay frozen).
 
     Returns ``(model, info, head_replaced)``; with ``replace`` a class mismatch swaps
     the head instead of stopping (the caller then trains the new head).
     """
     model = load_model(checkpoint, safe_mode=safe_mode)
     check_input_shape(model, settings, f"the model {checkpoint}")
+    model = plain_frontend(model, settings, f"the model {checkpoint}", train_frontend)
     labels = checkpoint_labels(checkpoint, labels_file)
     if labels is None and output_units(model) == len(data_labels):
         labels = list(data_labels)  # no labels file: the dataset's order is assumed
@@ -247,3 +254,13 @@ def prepare_pretrained(
         "parameters": int(model.count_params()),
     }
     return model, info, replaced
+
+
+def plain_frontend(model, settings: FeatureSettings, source: str, trainable: bool = True):
+    """The model with a BirdNET-STM32 ``AudioFrontendLayer`` unfolded into plain layers."""
+    from n6qat import birdnet
+
+    if not any(isinstance(layer, birdnet.AudioFrontendLayer) for layer in model.layers):
+        return model
+    birdnet.check_sidecar(model, settings.to_dict(), source)
+    return birdnet.unfold_frontend(model, trainable=trainable)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from n6qat.atomic import atomic_path
 from n6qat.n6 import CPURAM2_BYTES, METRIC_NAMES, NPU_BANK_BYTES, NPU_BANKS
 
 MODEL_LABELS = {
@@ -87,9 +88,10 @@ def new_figure(width: float, height: float, panels: int = 1):
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Write a Figure as PNG, creating the folder."""
+    """Write a Figure as PNG (atomically), creating the folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def html_page(title: str, body: str, note: str = "") -> str:

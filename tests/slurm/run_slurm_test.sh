@@ -212,10 +212,8 @@ cleanup() {
     fi
     if [ "$STATUS" = 0 ] && [ "$rc" = 0 ]; then
         echo "SLURM test passed; wall time $((SECONDS - START)) s"
-        echo "1 passed, 0 failed"
     else
         echo "SLURM test FAILED (exit $rc); wall time $((SECONDS - START)) s" >&2
-        echo "0 passed, 1 failed"
         [ "$rc" = 0 ] && rc=1
     fi
     exit "$rc"

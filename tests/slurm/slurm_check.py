@@ -32,8 +32,11 @@ EXACT_OUTPUTS = (
     "results/index/split.csv",
     "results/index/train_upsampled.csv",
     "results/index/class_counts.csv",
-    *(f"results/features/{split}{ext}" for split in ("train", "val", "test")
-      for ext in (".npy", "_chunks.csv")),
+    *(
+        f"results/features/{split}{ext}"
+        for split in ("train", "val", "test")
+        for ext in (".npy", "_chunks.csv")
+    ),
     "results/model/pretrain_history.csv",
     "results/model/pretrained.json",
     "results/model_ptq_int8.tflite",
@@ -131,9 +134,19 @@ def preempt_qat(workdir: Path, epochs: int, cpus: int, watch_pid: int, timeout: 
     if done >= epochs:
         raise CheckFailed(f"QAT finished all {epochs} epochs before the test could preempt it")
     urgent = subprocess.run(
-        ["sbatch", "--parsable", "--partition=urgent", "--job-name=n6qat-preemptor",
-         f"--cpus-per-task={cpus}", "--mem=100", "--time=2", "--wrap=sleep 2"],
-        capture_output=True, text=True, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=urgent",
+            "--job-name=n6qat-preemptor",
+            f"--cpus-per-task={cpus}",
+            "--mem=100",
+            "--time=2",
+            "--wrap=sleep 2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
 
     def requeued():
@@ -146,11 +159,14 @@ def preempt_qat(workdir: Path, epochs: int, cpus: int, watch_pid: int, timeout: 
         return int(record.get("Restarts", 0)) >= 1
 
     wait_for(f"SLURM to requeue QAT job {qat}", requeued, 60)
-    wait_for(f"the urgent job {urgent}",
-             lambda: slurm_jobs()[urgent]["JobState"] == "COMPLETED", 60)
+    wait_for(
+        f"the urgent job {urgent}", lambda: slurm_jobs()[urgent]["JobState"] == "COMPLETED", 60
+    )
     subprocess.run(["scontrol", "update", f"JobId={qat}", "StartTime=now"], check=False)
-    return (f"preempted QAT (SLURM job {qat}) after epoch {done}/{epochs} by urgent job "
-            f"{urgent}; SLURM requeued it")
+    return (
+        f"preempted QAT (SLURM job {qat}) after epoch {done}/{epochs} by urgent job "
+        f"{urgent}; SLURM requeued it"
+    )
 
 
 # ----------------------------------------------------------------------- verify
@@ -242,8 +258,10 @@ def check_resumed(records: dict[str, dict[str, str]], slurm_dir: Path, epochs: i
     rows = len((slurm_dir / "results/model/qat_history.csv").read_text().splitlines()) - 1
     if rows != epochs:
         raise CheckFailed(f"qat_history.csv has {rows} epochs, expected {epochs}")
-    return (f"QAT job {qat}: restarted {restarts}x by SLURM, resumed at epoch "
-            f"{first.group(1)}/{first.group(2)}, history complete ({rows} epochs)")
+    return (
+        f"QAT job {qat}: restarted {restarts}x by SLURM, resumed at epoch "
+        f"{first.group(1)}/{first.group(2)}, history complete ({rows} epochs)"
+    )
 
 
 def digest(path: Path) -> str:
@@ -253,17 +271,21 @@ def digest(path: Path) -> str:
 def compare_outputs(slurm_dir: Path, local_dir: Path) -> list[str]:
     """Deterministic outputs bit-identical to the local run's; the QAT branch alike in shape."""
     demo = sorted(
-        str(p.relative_to(local_dir)) for p in (local_dir / "resources/demo").rglob("*")
+        str(p.relative_to(local_dir))
+        for p in (local_dir / "resources/demo").rglob("*")
         if p.is_file() and not p.name.startswith(".")
     )
     differ = [
-        rel for rel in (*EXACT_OUTPUTS, *demo)
+        rel
+        for rel in (*EXACT_OUTPUTS, *demo)
         if not (slurm_dir / rel).is_file() or digest(slurm_dir / rel) != digest(local_dir / rel)
     ]
     if differ:
         raise CheckFailed(f"outputs differ from the local run: {differ}")
-    lines = [f"bit-identical to the local run: {len(EXACT_OUTPUTS)} data/FP32/PTQ outputs "
-             f"and {len(demo)} demo audio files"]
+    lines = [
+        f"bit-identical to the local run: {len(EXACT_OUTPUTS)} data/FP32/PTQ outputs "
+        f"and {len(demo)} demo audio files"
+    ]
     lines.append(compare_models(slurm_dir, local_dir))
     return lines
 
@@ -288,12 +310,15 @@ def compare_models(slurm_dir: Path, local_dir: Path) -> str:
         raise CheckFailed(f"{rel}: weight shapes differ from the local run's")
     rel = "results/model_qat_int8.tflite"
     infos = [read_tflite(root / rel) for root in (slurm_dir, local_dir)]
-    layout = [([op.opcode for op in i.operators], [(t.shape, t.dtype) for t in i.tensors])
-              for i in infos]
+    layout = [
+        ([op.opcode for op in i.operators], [(t.shape, t.dtype) for t in i.tensors]) for i in infos
+    ]
     if layout[0] != layout[1] or int8_problems(infos[0]):
         raise CheckFailed(f"{rel}: graph differs from the local run's or is not clean INT8")
-    return (f"same weights as the local run: {', '.join(Path(p).name for p in SAME_WEIGHTS)}; "
-            f"QAT model and its INT8 graph alike ({len(infos[0].operators)} ops, int8 clean)")
+    return (
+        f"same weights as the local run: {', '.join(Path(p).name for p in SAME_WEIGHTS)}; "
+        f"QAT model and its INT8 graph alike ({len(infos[0].operators)} ops, int8 clean)"
+    )
 
 
 # -------------------------------------------------------------------------- GPU
@@ -315,8 +340,10 @@ def verify_gpu(log_text: str) -> str:
     record = slurm_jobs()[slurm_id]
     gres = record.get("TresPerJob", "")
     if rule_of(record) != "qat" or record["JobState"] != "COMPLETED" or "gpu:1" not in gres:
-        raise CheckFailed(f"GPU job {slurm_id}: rule {rule_of(record)}, "
-                          f"state {record['JobState']}, TresPerJob {gres!r}")
+        raise CheckFailed(
+            f"GPU job {slurm_id}: rule {rule_of(record)}, "
+            f"state {record['JobState']}, TresPerJob {gres!r}"
+        )
     return f"QAT job {slurm_id} COMPLETED on a GPU allocation (TresPerJob={gres})"
 
 
@@ -346,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "preempt-qat":
-            lines = [preempt_qat(args.workdir, args.epochs, args.cpus, args.watch_pid,
-                                 args.timeout)]
+            lines = [
+                preempt_qat(args.workdir, args.epochs, args.cpus, args.watch_pid, args.timeout)
+            ]
         elif args.command == "verify":
             profile = yaml.safe_load(args.profile.read_text())
             lines = check_jobs(args.log.read_text(), profile, args.epochs, args.slurm_dir)

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
 from n6qat.config import coerce_config, config_errors
+from n6qat.sidecar import read_sidecar, sidecar_path
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
 coerce_config(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
@@ -62,9 +63,18 @@ def data_fingerprints(wildcards=None):
     }
 
 
+def checkpoint_sidecar():
+    """The pretrained checkpoint's <stem>_model_config.json, when there is one."""
+    model_file = config["model"]["pretrained"]
+    if model_file and sidecar_path(model_file).is_file():
+        return str(sidecar_path(model_file))
+    return None
+
+
 def feature_settings():
-    """The features section, the settings every stage that reads features shares."""
-    return dict(config["features"])
+    """The features section, overridden by the checkpoint's sidecar JSON when present."""
+    sidecar = checkpoint_sidecar()
+    return {**config["features"], **(read_sidecar(sidecar) if sidecar else {})}
 
 
 def pretrained_checkpoint():

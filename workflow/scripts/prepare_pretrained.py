@@ -18,6 +18,7 @@ with rule_logging(snakemake.log[0]) as log:
         safe_mode=cfg["safe_mode"],
         replace=cfg["replace_head"],
         seed=cfg["seed"],
+        train_frontend=not cfg["freeze_frontend"],
     )
     if replaced:
         log.info("classifier head replaced for %d classes; training it", len(labels))

@@ -1,9 +1,8 @@
 """Class counts before and after upsampling, and the files the index rejected."""
 
-from pathlib import Path
-
 import pandas as pd
 
+from n6qat.atomic import write_text
 from n6qat.report import plot_class_counts, rejected_html, save_figure
 from n6qat.rulelog import rule_logging
 
@@ -11,4 +10,4 @@ with rule_logging(snakemake.log[0]):
     counts = pd.read_csv(snakemake.input.counts)
     save_figure(plot_class_counts(counts, snakemake.params.negatives), snakemake.output.counts)
     rejected = pd.read_csv(snakemake.input.rejected, dtype=str, keep_default_na=False)
-    Path(snakemake.output.rejected).write_text(rejected_html(rejected))
+    write_text(snakemake.output.rejected, rejected_html(rejected))

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from n6qat.atomic import write_text
 from n6qat.report import html_table, npu_table, plot_npu, save_figure
 from n6qat.rulelog import rule_logging
 
@@ -21,6 +22,4 @@ with rule_logging(snakemake.log[0]):
         "Host check: n6qat's own analysis of the .tflite (always runs). stedgeai rows appear "
         "when ST Edge AI Core was found."
     )
-    Path(snakemake.output.table).write_text(
-        html_table(npu_table(host, tool), "STM32N6 check per model", note)
-    )
+    write_text(snakemake.output.table, html_table(npu_table(host, tool), "STM32N6 check", note))

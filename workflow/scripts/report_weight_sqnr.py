@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from n6qat.atomic import atomic_path
 from n6qat.model import load_model
 from n6qat.report import (
     folded_float_kernels,
@@ -31,7 +32,6 @@ with rule_logging(snakemake.log[0]) as log:
             table.to_string(index=False),
         )
         tables[name] = table
-    pd.concat([t.assign(model=n) for n, t in tables.items()]).to_csv(
-        snakemake.output.csv, index=False
-    )
+    with atomic_path(snakemake.output.csv) as tmp:
+        pd.concat([t.assign(model=n) for n, t in tables.items()]).to_csv(tmp, index=False)
     save_figure(plot_weight_sqnr(tables), snakemake.output.figure)
