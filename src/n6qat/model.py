@@ -176,7 +176,10 @@ def replace_head(model, n_classes: int, seed: int = 0):
             f"model.replace_head: the last layer {head.name!r} is a {type(head).__name__}, "
             "not a Dense classifier; replace the head yourself before QAT."
         )
-    features = head.input
+    # The head's input in this model's own graph: a layer shared with another model (an
+    # unfolded BirdNET frontend reuses the checkpoint's layers) has one node per graph.
+    nodes = [n for depth in model._nodes_by_depth.values() for n in depth if n.operation is head]
+    features = nodes[0].input_tensors[0]
     outputs = layers.Dense(n_classes, activation="sigmoid", name="classifier_new")(features)
     return keras.Model(model.inputs, outputs, name=model.name)
 
