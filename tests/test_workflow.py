@@ -121,3 +121,26 @@ def test_killed_qat_run_resumes_from_the_last_finished_epoch(run):
     assert "Epoch 1/3" not in resumed and "Epoch 3/3" in resumed
     assert (run / "results/model/qat.keras").exists()
     assert len(pd.read_csv(run / "results/model/qat_history.csv")) == 3  # all epochs kept
+
+
+SHARED_CHECKPOINT = ROOT.parent / "shared/birdnet_stm32n6_100/birdnet_stm32n6_100.keras"
+
+
+@pytest.mark.skipif(not SHARED_CHECKPOINT.is_file(), reason="no shared checkpoint")
+def test_birdnet_checkpoint_through_qat_conversion_and_host_check(tmp_path):
+    """The real 100-species checkpoint, demo classes through head replacement."""
+    model = json.dumps({"pretrained": str(SHARED_CHECKPOINT), "replace_head": True})
+    result = snakemake(
+        tmp_path, "results/model_qat_int8.tflite", "results/npu/qat_host_check.json",
+        "--config", f"model={model}", 'qat={"epochs": 1}',
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((tmp_path / "results/model/pretrained.json").read_text())
+    assert info["head_replaced"] and len(info["model_labels"]) == 100
+    assert np.load(tmp_path / "results/features/train.npy", mmap_mode="r").shape[1:] == (
+        257, 256, 1,
+    )
+    check = json.loads((tmp_path / "results/npu/qat_host_check.json").read_text())
+    assert check["clean"] and check["error_count"] == 0
+    report = json.loads((tmp_path / "results/convert/qat.json").read_text())
+    assert report["gate_passed"]
