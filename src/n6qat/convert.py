@@ -394,6 +394,15 @@ def _as_io_dtype(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
+def calibration_set(features: np.ndarray, chunks: pd.DataFrame, settings: dict) -> np.ndarray:
+    """The representative chunks the converter calibrates on (QAT simulates the same ranges)."""
+    picked = select_representative(
+        chunks["label_index"].to_numpy(), chunks["energy"].to_numpy(),
+        settings["calibration_size"], settings["calibration_energy_threshold"], settings["seed"],
+    )
+    return np.asarray(features[picked], dtype=np.float32)
+
+
 def convert_and_check(
     model: keras.Model,
     name: str,
@@ -413,22 +422,17 @@ def convert_and_check(
     """
     from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
 
-    (x_train, train_chunks), (x_val, val_chunks) = train, val
-    seed = settings["seed"]
-    calib = select_representative(
-        train_chunks["label_index"].to_numpy(), train_chunks["energy"].to_numpy(),
-        settings["calibration_size"], settings["calibration_energy_threshold"], seed,
-    )
+    x_val, val_chunks = val
+    calib = calibration_set(*train, settings)
     if settings["io_dtype"] == "int8":
         log.warning("convert.io_dtype is int8: the model's inputs and outputs are quantized; "
                     "the firmware must quantize the features with the input scale")
     tflite_bytes = convert_int8(
-        model, np.asarray(x_train[calib], dtype=np.float32),
-        per_channel=settings["per_channel"], io_dtype=settings["io_dtype"],
+        model, calib, per_channel=settings["per_channel"], io_dtype=settings["io_dtype"]
     )
     pick = select_representative(
         val_chunks["label_index"].to_numpy(), val_chunks["energy"].to_numpy(),
-        settings["validation_size"], 0.0, seed,
+        settings["validation_size"], 0.0, settings["seed"],
     )
     inputs = np.asarray(x_val[pick], dtype=np.float32)
     reference = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)

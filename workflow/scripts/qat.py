@@ -1,8 +1,6 @@
 """Quantization-aware fine-tuning of the pretrained model (thin adapter over n6qat.qat)."""
 
-import numpy as np
-
-from n6qat.convert import select_representative
+from n6qat.convert import calibration_set
 from n6qat.dataset import read_table
 from n6qat.model import load_model, read_labels, save_model
 from n6qat.qat import QATSettings, run_qat
@@ -33,8 +31,9 @@ with rule_logging(snakemake.log[0]) as log:
     )
     labels = read_labels(snakemake.input.labels)
     model = load_model(snakemake.input.model)
+    train = load_split(snakemake.input.train, snakemake.input.train_chunks)
     train_ds, val_ds = split_datasets(
-        load_split(snakemake.input.train, snakemake.input.train_chunks),
+        train,
         load_split(snakemake.input.val, snakemake.input.val_chunks),
         read_table(snakemake.input.upsampled),
         n_classes=len(labels),
@@ -43,15 +42,9 @@ with rule_logging(snakemake.log[0]) as log:
     )
     backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
     log.info("QAT: %s", settings)
-    features, chunks = load_split(snakemake.input.train, snakemake.input.train_chunks)
-    calib = snakemake.params.calibration
-    picked = select_representative(
-        chunks["label_index"].to_numpy(), chunks["energy"].to_numpy(),
-        calib["calibration_size"], calib["calibration_energy_threshold"], calib["seed"],
-    )
     history = run_qat(
         model, train_ds, val_ds, settings, checkpoint_dir=backup,
-        calibration=np.asarray(features[picked], dtype=np.float32),
+        calibration=calibration_set(*train, snakemake.params.calibration),
     )
     save_model(model, snakemake.output.model)
     write_history(history, snakemake.output.history)
