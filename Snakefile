@@ -8,12 +8,16 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/npu.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -24,3 +28,4 @@ rule all:
         expand("results/convert/{model}.json", model=INT8_MODELS),
         "results/npu/summary.json",
         "results/eval/summary.csv",
+        REPORT_OUTPUTS,

@@ -2,17 +2,14 @@
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import snakemake
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
-TINY = ROOT / "tests/config/tiny.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["summary", "training_curves", "confusion", "per_class_ap", "output_scatter",
            "weight_sqnr", "class_counts", "npu"]  # fmt: skip
@@ -23,25 +20,14 @@ REPORT_RULES = ["summary", "curves", "confusion", "output_scatter", "weight_sqnr
 pytestmark = pytest.mark.workflow
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
-        "--directory", str(workdir), "--configfile", str(TINY), "--cores", "2", *args,
-    ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-
-
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tiny_run):
     """The workflow's folder and the report's embedded results, by path."""
     assert "workflow/rules/report.smk" in SNAKEFILE.read_text(), (
         "the Snakefile must include workflow/rules/report.smk, name workflow/report/workflow.rst "
         "in its report: directive and list REPORT_OUTPUTS in rule all"
     )
-    workdir = tmp_path_factory.mktemp("report")
-    run = snakemake(workdir)
-    assert run.returncode == 0, run.stderr[-4000:]
+    workdir = tiny_run
     made = snakemake(workdir, "--report", "results/report.html")
     assert made.returncode == 0, made.stderr[-4000:]
     text = (workdir / "results/report.html").read_text()
