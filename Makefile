@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 8
 
-.PHONY: setup run test lint clean
+.PHONY: setup run report test lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+
+report: run
+	$(BIN)/snakemake --profile profiles/default --cores $(CORES) --report results/report.html
 
 test: setup
 	$(BIN)/python -m pytest

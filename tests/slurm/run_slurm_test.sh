@@ -197,10 +197,24 @@ stop_cluster() {
     say "daemons stopped"
 }
 
+stop_snakemake() { # a snakemake that lost track of its jobs ignores SIGTERM
+    [ -n "${SMK_PID:-}" ] || return 0
+    local child
+    child=$(ps -o pid= --ppid "$SMK_PID" || true)
+    kill "$SMK_PID" 2>/dev/null || true
+    for _ in $(seq 1 20); do
+        kill -0 "$SMK_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    # shellcheck disable=SC2086 # $child: zero or one pid
+    kill -9 "$SMK_PID" $child 2>/dev/null || true
+    SMK_PID=""
+}
+
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    [ -n "${SMK_PID:-}" ] && kill "$SMK_PID" 2>/dev/null
+    stop_snakemake
     stop_cluster
     unlink_system_conf
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
@@ -224,7 +238,7 @@ cleanup() {
 snakemake_cmd() { # snakemake_cmd WORKDIR ARGS...: SMK_CMD = the workflow on the tiny config
     local dir=$1
     shift
-    SMK_CMD=(timeout "$RUN_TIMEOUT" "$VENV/bin/python" -m snakemake --snakefile "$ROOT/Snakefile"
+    SMK_CMD=(timeout --kill-after=30 "$RUN_TIMEOUT" "$VENV/bin/python" -m snakemake --snakefile "$ROOT/Snakefile"
         --directory "$dir" --configfile "${CONFIGS[@]}" "$@")
 }
 
