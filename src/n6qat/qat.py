@@ -414,6 +414,11 @@ def _make_plan(model: keras.Model) -> _Plan:
     return plan
 
 
+def batch_norm_folds(model: keras.Model) -> dict[int, keras.layers.BatchNormalization]:
+    """id(conv/dense layer) -> the BatchNormalization the converter folds into it."""
+    return _make_plan(model).folded_into
+
+
 def build_qat_model(
     model: keras.Model,
     per_channel: bool = True,

@@ -391,9 +391,9 @@ def folded_float_kernels(model) -> dict[str, np.ndarray]:
     """
     import keras
 
-    from n6qat.qat import _make_plan, quantization_channel_axis
+    from n6qat.qat import batch_norm_folds, quantization_channel_axis
 
-    folds = _make_plan(model).folded_into
+    folds = batch_norm_folds(model)
     kernels = {}
     for layer in _weight_layers(model):
         kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)

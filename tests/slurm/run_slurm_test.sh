@@ -23,7 +23,6 @@ VENV="${VENV:-$ROOT/.venv}"
 DAEMON_TIMEOUT="${N6QAT_SLURM_DAEMON_TIMEOUT:-60}"
 RUN_TIMEOUT="${N6QAT_SLURM_RUN_TIMEOUT:-1500}"
 CONFIGS=("$ROOT/tests/config/tiny.yaml" "$HERE/preemptible.yaml")
-QAT_EPOCHS=8 # as in preemptible.yaml
 SYSTEM_CONF=/etc/slurm/slurm.conf
 WORK=""
 LINKED_CONF=0
@@ -277,7 +276,7 @@ main() {
     SMK_PID=$!
     local preempt_rc=0
     "$VENV/bin/python" "$HERE/slurm_check.py" preempt-qat --workdir "$WORK/slurm" \
-        --epochs "$QAT_EPOCHS" --cpus "$CPUS" --watch-pid "$SMK_PID" \
+        --overlay "$HERE/preemptible.yaml" --cpus "$CPUS" --watch-pid "$SMK_PID" \
         --timeout "$RUN_TIMEOUT" || preempt_rc=$?
     local smk_rc=0
     wait "$SMK_PID" || smk_rc=$?
@@ -288,7 +287,7 @@ main() {
     say "checking SLURM's records and logs, comparing with the local run"
     "$VENV/bin/python" "$HERE/slurm_check.py" verify --slurm-dir "$WORK/slurm" \
         --local-dir "$WORK/local" --log "$WORK/slurm.log" \
-        --profile "$ROOT/profiles/slurm/config.yaml" --epochs "$QAT_EPOCHS"
+        --profile "$ROOT/profiles/slurm/config.yaml" --overlay "$HERE/preemptible.yaml"
 
     say "GPU switch: QAT again with gpu: 1 in a copy of the profile"
     "$VENV/bin/python" "$HERE/slurm_check.py" gpu-profile \

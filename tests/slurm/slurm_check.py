@@ -104,6 +104,11 @@ def finished_epochs(backup: Path) -> int:
     return 0
 
 
+def qat_epochs(overlay: Path) -> int:
+    """QAT's epochs in the test's config overlay."""
+    return int(yaml.safe_load(overlay.read_text())["qat"]["epochs"])
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -151,7 +156,12 @@ def preempt_qat(workdir: Path, epochs: int, cpus: int, watch_pid: int, timeout: 
 
     def requeued():
         record = slurm_jobs()[qat]
-        if record["JobState"] in ("CANCELLED", "FAILED", "COMPLETED"):
+        if record["JobState"] == "COMPLETED":
+            raise CheckFailed(
+                f"QAT job {qat} finished before SLURM preempted it: raise qat.epochs in "
+                "tests/slurm/preemptible.yaml"
+            )
+        if record["JobState"] in ("CANCELLED", "FAILED"):
             raise CheckFailed(
                 f"QAT job {qat} ended {record['JobState']} instead of being requeued "
                 f"(Requeue={record.get('Requeue')}; is slurm-requeue on in the profile?)"
@@ -159,13 +169,14 @@ def preempt_qat(workdir: Path, epochs: int, cpus: int, watch_pid: int, timeout: 
         return int(record.get("Restarts", 0)) >= 1
 
     wait_for(f"SLURM to requeue QAT job {qat}", requeued, 60)
+    at = finished_epochs(backup)
     wait_for(
         f"the urgent job {urgent}", lambda: slurm_jobs()[urgent]["JobState"] == "COMPLETED", 60
     )
     subprocess.run(["scontrol", "update", f"JobId={qat}", "StartTime=now"], check=False)
     return (
-        f"preempted QAT (SLURM job {qat}) after epoch {done}/{epochs} by urgent job "
-        f"{urgent}; SLURM requeued it"
+        f"urgent job {urgent} (submitted after QAT epoch {done}/{epochs}) preempted QAT "
+        f"(SLURM job {qat}) after epoch {at}/{epochs}; SLURM requeued it"
     )
 
 
@@ -355,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("preempt-qat")
     p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--overlay", type=Path, required=True)
     p.add_argument("--cpus", type=int, required=True)
     p.add_argument("--watch-pid", type=int, required=True)
     p.add_argument("--timeout", type=float, default=1200)
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-dir", type=Path, required=True)
     p.add_argument("--log", type=Path, required=True)
     p.add_argument("--profile", type=Path, required=True)
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--overlay", type=Path, required=True)
     p = sub.add_parser("gpu-profile")
     p.add_argument("--profile", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -374,11 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "preempt-qat":
             lines = [
-                preempt_qat(args.workdir, args.epochs, args.cpus, args.watch_pid, args.timeout)
+                preempt_qat(
+                    args.workdir, qat_epochs(args.overlay), args.cpus, args.watch_pid, args.timeout
+                )
             ]
         elif args.command == "verify":
             profile = yaml.safe_load(args.profile.read_text())
-            lines = check_jobs(args.log.read_text(), profile, args.epochs, args.slurm_dir)
+            epochs = qat_epochs(args.overlay)
+            lines = check_jobs(args.log.read_text(), profile, epochs, args.slurm_dir)
             lines += compare_outputs(args.slurm_dir, args.local_dir)
         elif args.command == "gpu-profile":
             gpu_profile(args.profile, args.out)
