@@ -76,7 +76,7 @@ def test_host_check_and_evaluation(run):
 
 
 def test_feature_params_rerun_features_and_qat_params_do_not(run):
-    qat_change = snakemake(run, "-n", "--config", 'qat={"epochs": 3}')
+    qat_change = snakemake(run, "-n", "--config", 'qat={"epochs": 5}')
     assert "qat" in qat_change.stdout and "extract_features" not in qat_change.stdout
     feature_change = snakemake(run, "-n", "--config", 'features={"spec_width": 16}')
     assert "extract_features" in feature_change.stdout and "pretrain" in feature_change.stdout
@@ -88,15 +88,15 @@ def test_killed_qat_run_resumes_from_the_last_finished_epoch(run):
     import time
 
     log = run / "logs/qat.log"
-    target = ["results/model/qat.keras", "--config", 'qat={"epochs": 3}']
+    target = ["results/model/qat.keras", "--config", 'qat={"epochs": 5}']
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
            "--directory", str(run), "--configfile", str(TINY), "--cores", "2",
-           "results/model/qat.keras", "--forcerun", "qat", "--config", 'qat={"epochs": 3}']
+           "results/model/qat.keras", "--forcerun", "qat", "--config", 'qat={"epochs": 5}']
     log.unlink(missing_ok=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
-    while "Epoch 2/3" not in (log.read_text() if log.exists() else ""):
+    while "Epoch 2/5" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None and time.time() < deadline, "QAT never reached epoch 2"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the job, as a node failure would
@@ -106,9 +106,9 @@ def test_killed_qat_run_resumes_from_the_last_finished_epoch(run):
     rerun = snakemake(run, "--rerun-incomplete", *target)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed = log.read_text()
-    assert "Epoch 1/3" not in resumed and "Epoch 3/3" in resumed
+    assert "Epoch 1/5" not in resumed and "Epoch 5/5" in resumed
     assert (run / "results/model/qat.keras").exists()
-    assert len(pd.read_csv(run / "results/model/qat_history.csv")) == 3  # all epochs kept
+    assert len(pd.read_csv(run / "results/model/qat_history.csv")) == 5  # all epochs kept
 
 
 SHARED_CHECKPOINT = ROOT.parent / "shared/birdnet_stm32n6_100/birdnet_stm32n6_100.keras"

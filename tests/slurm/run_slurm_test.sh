@@ -59,21 +59,22 @@ require_tools() {
     [ "$rc" = 0 ] || fail "apt-get install slurm-wlm munge failed (exit $rc)"
 }
 
-# A run killed with SIGKILL leaves its folder and daemons behind: stop those whose owner
-# script is gone (by the pids it recorded, after checking they still run its config).
+# A run killed with SIGKILL leaves its folder, daemons and workflow run behind: stop the
+# processes of those whose owner script is gone (found by the folder's unique path in
+# their command line), then remove the folder.
 reap_stale_runs() {
-    local dir pidfile pid
+    local dir cmdline pid
     for dir in "${TMPDIR:-/tmp}"/n6qat-slurm.*; do
         [ -f "$dir/owner.pid" ] || continue
         kill -0 "$(cat "$dir/owner.pid")" 2>/dev/null && continue
-        for pidfile in "$dir"/run/*.daemon; do
-            [ -f "$pidfile" ] || continue
-            pid=$(cat "$pidfile")
-            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "$dir"; then
-                kill "$pid" 2>/dev/null || true
+        for cmdline in /proc/[0-9]*/cmdline; do
+            pid=${cmdline#/proc/}
+            pid=${pid%/cmdline}
+            if tr '\0' ' ' <"$cmdline" 2>/dev/null | grep -qF "$dir/"; then
+                kill -9 "$pid" 2>/dev/null || true
             fi
         done
-        say "removed the leftovers of an earlier run: $dir"
+        say "stopped and removed the leftovers of an earlier run: $dir"
         rm -rf "$dir"
     done
 }
@@ -151,7 +152,6 @@ start_daemon() { # start_daemon NAME COMMAND...: run in the background, record i
     "$@" >"$WORK/log/$name.out" 2>&1 &
     local pid=$!
     DAEMON_PIDS+=("$pid")
-    echo "$pid" >"$WORK/run/$name.daemon"
     say "started $name (pid $pid)"
 }
 
