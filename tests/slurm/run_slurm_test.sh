@@ -38,14 +38,16 @@ fail() {
 # ---------------------------------------------------------------------------- setup
 
 require_tools() {
-    [ "$(id -u)" = 0 ] || fail "run as root: slurmd starts jobs as their user and packages may need installing"
+    [ "$(id -u)" = 0 ] ||
+        fail "run as root: slurmd starts jobs as their user and packages may need installing"
     [ -x "$VENV/bin/snakemake" ] || fail "no $VENV/bin/snakemake: run 'make setup' first"
     local missing=()
     for tool in munged munge slurmctld slurmd sbatch squeue scontrol sinfo; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     [ ${#missing[@]} = 0 ] && return
-    command -v apt-get >/dev/null || fail "missing ${missing[*]} and no apt-get to install slurm-wlm and munge"
+    command -v apt-get >/dev/null ||
+        fail "missing ${missing[*]} and no apt-get to install slurm-wlm and munge"
     say "installing slurm-wlm and munge (missing: ${missing[*]})"
     # Keep the packages' own services from starting: this test runs private daemons.
     local policy=/usr/sbin/policy-rc.d made_policy=0
@@ -117,7 +119,8 @@ link_system_conf() {
         rm -f "$SYSTEM_CONF" # left by a killed run
     fi
     if [ -e "$SYSTEM_CONF" ]; then
-        fail "$SYSTEM_CONF exists (-> $(readlink -f "$SYSTEM_CONF")): another SLURM test is running or this host has its own SLURM; the test needs that path for its configuration"
+        fail "$SYSTEM_CONF exists (-> $(readlink -f "$SYSTEM_CONF")): another SLURM test" \
+            "is running or this host has its own SLURM; the test needs that path"
     fi
     mkdir -p "$(dirname "$SYSTEM_CONF")"
     ln -s "$SLURM_CONF" "$SYSTEM_CONF"
@@ -237,12 +240,12 @@ cleanup() {
 snakemake_cmd() { # snakemake_cmd WORKDIR ARGS...: SMK_CMD = the workflow on the tiny config
     local dir=$1
     shift
-    SMK_CMD=(timeout --kill-after=30 "$RUN_TIMEOUT" "$VENV/bin/python" -m snakemake --snakefile "$ROOT/Snakefile"
-        --directory "$dir" --configfile "${CONFIGS[@]}" "$@")
+    SMK_CMD=(timeout --kill-after=30 "$RUN_TIMEOUT" "$VENV/bin/python" -m snakemake
+        --snakefile "$ROOT/Snakefile" --directory "$dir" --configfile "${CONFIGS[@]}" "$@")
 }
 
 show_failure() { # show_failure LOG WHAT
-    tail -n 60 "$1" >&2
+    grep -A 12 "^Error in rule" "$1" >&2 || tail -n 60 "$1" >&2
     fail "$2 (log above: $1)"
 }
 
