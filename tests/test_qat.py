@@ -455,3 +455,24 @@ def test_ranges_follow_the_calibration_set_not_batches(tmp_path):
                 callbacks=[probe], calibration=calibration)
     assert len(probe.seen) == 4 and all(seen == probe.seen[0] for seen in probe.seen)
     assert probe.seen[0]["c1_input_range"] == pytest.approx(float(calibration.max()))
+
+
+class _KillInThirdEpoch(_KillInSecondEpoch):
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 2 and batch == 1:
+            raise _Killed()
+
+
+def test_a_backup_torn_by_a_kill_falls_back_to_the_previous_epoch(tmp_path):
+    """A job killed while writing its epoch backup (SLURM preemption) still resumes."""
+    settings = qat.QATSettings(epochs=3, learning_rate=1e-2, batch_size=16)
+    with pytest.raises(_Killed):
+        qat.run_qat(_tiny_model(), _examples(64, 0), None, settings, tmp_path / "ckpt",
+                    callbacks=[_KillInThirdEpoch()])
+    latest = next((tmp_path / "ckpt").rglob("latest.weights.h5"))
+    latest.write_bytes(latest.read_bytes()[:200])  # the write the kill interrupted
+    record = _Record()
+    history = qat.run_qat(_tiny_model(), _examples(64, 0), None, settings, tmp_path / "ckpt",
+                          callbacks=[record])
+    assert record.epochs == [1, 2]  # resumed from the backup before the torn one
+    assert len(history["loss"]) == 3

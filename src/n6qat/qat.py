@@ -654,8 +654,9 @@ def run_qat(
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="acc")],
         )
         log = _EpochLog(checkpoint_dir / "history.json")
-        backup = keras.callbacks.BackupAndRestore(
-            str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False
+        backup = keras.callbacks.BackupAndRestore(  # double: a save torn by a kill falls back
+            str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False,
+            double_checkpoint=True,
         )
         twin.fit(
             train,

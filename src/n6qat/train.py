@@ -112,7 +112,9 @@ def fit_classifier(
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(checkpoint_dir / "epochs"), save_freq="epoch"),
+        keras.callbacks.BackupAndRestore(  # double: a save torn by a kill falls back
+            str(checkpoint_dir / "epochs"), save_freq="epoch", double_checkpoint=True
+        ),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True
         ),

@@ -245,7 +245,11 @@ snakemake_cmd() { # snakemake_cmd WORKDIR ARGS...: SMK_CMD = the workflow on the
 }
 
 show_failure() { # show_failure LOG WHAT
-    grep -A 12 "^Error in rule" "$1" >&2 || tail -n 60 "$1" >&2
+    if grep -q "^Error in rule" "$1"; then # the failed jobs and their logs
+        sed -n '/^Error in rule/,/^Shutting down/p' "$1" | head -n 150 >&2
+    else
+        tail -n 60 "$1" >&2
+    fi
     fail "$2 (log above: $1)"
 }
 
