@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from n6qat.train import multi_hot
+
 POOLINGS = ("mean", "max", "lme")
 NONE_LABEL = "(none)"
 
@@ -37,13 +39,6 @@ def pool_files(
             pooled[i] = top + np.log(np.mean(np.exp(sharpness * (block - top)), axis=0)) / sharpness
     labels = chunks.groupby(codes)["label_index"].first().to_numpy()
     return pooled, labels, list(paths)
-
-
-def multi_hot(label_index: np.ndarray, n_classes: int) -> np.ndarray:
-    targets = np.zeros((len(label_index), n_classes), dtype=np.int64)
-    pos = np.asarray(label_index) >= 0
-    targets[np.flatnonzero(pos), np.asarray(label_index)[pos]] = 1
-    return targets
 
 
 def top1_accuracy(scores: np.ndarray, label_index: np.ndarray) -> float:
