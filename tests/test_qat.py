@@ -325,7 +325,8 @@ def trained(tmp_path_factory):
     before = [w.copy() for w in model.get_weights()]
     skip_before = model.get_layer("skip").get_weights()[0].copy()
     settings = qat.QATSettings(
-        epochs=2, learning_rate=1e-2, batch_size=16, per_channel=False, frozen_layers=("skip",)
+        epochs=2, learning_rate=1e-2, batch_size=16, per_channel=False, frozen_layers=("skip",),
+        simulate_activations=False,
     )
     history = qat.run_qat(model, _examples(64, 0), _examples(32, 1), settings, tmp / "ckpt")
     model.save(tmp / "qat.keras")
@@ -347,7 +348,8 @@ def test_run_qat_trains_the_original_which_saves_and_loads_as_plain_keras(traine
     skip = model.get_layer("skip")
     np.testing.assert_array_equal(skip.get_weights()[0], skip_before)  # frozen: unchanged
     assert skip.trainable  # flag restored after QAT
-    assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
+    assert [entry["epoch"] for entry in history.history] == [1, 2]
+    assert all("loss" in entry and "val_loss" in entry for entry in history.history)
 
 
 def test_validation_runs_on_the_quantized_simulation(trained):
@@ -361,8 +363,10 @@ def test_validation_runs_on_the_quantized_simulation(trained):
     float_loss = model.evaluate(val, verbose=0)
     x = np.concatenate([features for features, _ in val.as_numpy_iterator()])
     assert np.abs(twin.predict(x, verbose=0) - model.predict(x, verbose=0)).max() > 1e-4
-    # The recorded val_loss is the twin's to float precision; the float model's is not.
-    assert history["val_loss"][-1] == pytest.approx(quantized_loss, abs=1e-6)
+    # The kept epoch's val_loss is the twin's to float precision; the float model's is not.
+    kept = next(e for e in history.history if e["epoch"] == history.best_epoch)
+    assert kept["val_loss"] == min(e["val_loss"] for e in history.history)
+    assert kept["val_loss"] == pytest.approx(quantized_loss, abs=1e-6)
     assert abs(float_loss - quantized_loss) > 5e-5
 
 
@@ -417,21 +421,21 @@ def test_killed_run_resumes_after_the_last_finished_epoch(tmp_path):
     history = qat.run_qat(resumed, batches, None, settings, tmp_path / "ckpt", callbacks=[record])
     assert record.epochs == [1]
     assert record.iterations == [steps, 2 * steps]
-    assert len(history["loss"]) == 2
+    assert len(history.history) == 2
 
     # A rerun after the last epoch trains no more and returns the whole history.
     again = _Record()
     rerun = qat.run_qat(
         fresh_model(), batches, None, settings, tmp_path / "ckpt", callbacks=[again]
     )
-    assert again.epochs == [] and again.iterations == [2 * steps, 2 * steps]
-    assert rerun == history
+    assert again.epochs == [] and again.iterations == []
+    assert rerun.history == history.history
 
     uninterrupted = fresh_model()
     reference = qat.run_qat(uninterrupted, _examples(64, 0), None, settings, tmp_path / "ref")
     for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(history["loss"], reference["loss"], rtol=1e-5)
+        np.testing.assert_array_equal(a, b)  # bit-identical across the interruption
+    assert [e["loss"] for e in history.history] == [e["loss"] for e in reference.history]
 
 
 def test_ranges_follow_the_calibration_set_not_batches(tmp_path):
@@ -463,16 +467,59 @@ class _KillInThirdEpoch(_KillInSecondEpoch):
             raise _Killed()
 
 
-def test_a_backup_torn_by_a_kill_falls_back_to_the_previous_epoch(tmp_path):
-    """A job killed while writing its epoch backup (SLURM preemption) still resumes."""
+def test_a_backup_torn_by_a_kill_is_never_read(tmp_path):
+    """A job killed while writing its epoch backup (SLURM preemption) still resumes:
+    the torn write is a temporary file that the state file never names."""
     settings = qat.QATSettings(epochs=3, learning_rate=1e-2, batch_size=16)
     with pytest.raises(_Killed):
         qat.run_qat(_tiny_model(), _examples(64, 0), None, settings, tmp_path / "ckpt",
                     callbacks=[_KillInThirdEpoch()])
-    latest = next((tmp_path / "ckpt").rglob("latest.weights.h5"))
-    latest.write_bytes(latest.read_bytes()[:200])  # the write the kill interrupted
+    finished = sorted(p.name for p in (tmp_path / "ckpt").glob("*.npz"))
+    (tmp_path / "ckpt" / ".epoch-3.partial.npz").write_bytes(b"PK\x03\x04torn")
     record = _Record()
     history = qat.run_qat(_tiny_model(), _examples(64, 0), None, settings, tmp_path / "ckpt",
                           callbacks=[record])
-    assert record.epochs == [1, 2]  # resumed from the backup before the torn one
-    assert len(history["loss"]) == 3
+    assert finished == ["best-2.npz", "epoch-2.npz"]
+    assert record.epochs == [2]  # resumed after the last finished epoch
+    assert len(history.history) == 3
+
+
+@pytest.mark.parametrize("select_with", ["tflite", "simulation"])
+def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, select_with):
+    """Epochs (the starting weights as epoch 0 too) are scored in INT8 by file-level
+    validation metrics; the best one that loses neither top-1 nor cmAP to epoch 0 is kept,
+    and its INT8 model scores exactly what the history says."""
+    import pandas as pd
+
+    from n6qat.convert import convert_int8, run_tflite
+    from n6qat.evaluate import validation_metrics
+
+    model = _tiny_model()
+    rng = np.random.default_rng(4)
+    x_val = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)
+    chunks = pd.DataFrame({
+        "source": "val", "path": [f"f{i // 2}.wav" for i in range(24)],
+        "label_index": np.repeat(np.arange(12) % 3, 2), "row": np.arange(24),
+    })
+    labels = ["a", "b", "c"]
+    calibration = rng.normal(size=(32, 8, 8, 1)).astype(np.float32)
+    settings = qat.QATSettings(epochs=3, learning_rate=3e-2, batch_size=16,
+                               select_with=select_with)
+    result = qat.run_qat(
+        model, _examples(64, 0), None, settings, tmp_path / "ck", calibration=calibration,
+        selection_files=qat.ValidationFiles(x_val, chunks, labels),
+    )
+    source = "int8" if select_with == "tflite" else "sim"
+    top1, cmap = f"val_{source}_file_top1", f"val_{source}_file_cmap"
+    assert [e["epoch"] for e in result.history] == [0, 1, 2, 3]
+    start = result.history[0]
+    admitted = [e for e in result.history if e[top1] >= start[top1] and e[cmap] >= start[cmap]]
+    best = max(admitted, key=lambda e: (e[top1], e[cmap]))
+    assert result.best_epoch == best["epoch"]
+    if select_with == "tflite":
+        scores = run_tflite(convert_int8(model, calibration), x_val)
+    else:
+        scores = qat.simulated_int8(model, calibration).predict(x_val, verbose=0)
+    metrics = validation_metrics(scores, chunks, labels)
+    assert metrics["file_top1"] == best[top1]
+    assert metrics["file_cmap"] == pytest.approx(best[cmap], abs=1e-6)

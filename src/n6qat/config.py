@@ -6,6 +6,15 @@ from pathlib import Path
 
 import yaml
 
+REMOVED_KEYS = {
+    "convert.min_cosine": (
+        "the gate no longer compares the INT8 model with its float master weights; it "
+        "judges the deployed model: see convert.min_simulation_cosine, "
+        "convert.max_loss_vs_fp32 and convert.max_loss_vs_ptq in config/README.md"
+    ),
+}
+"""Keys of earlier versions, with what replaced them."""
+
 
 def config_errors(config: dict, schema_path: str | Path) -> list[str]:
     """Every schema violation in ``config`` as one line naming the dotted key."""
@@ -20,6 +29,9 @@ def config_errors(config: dict, schema_path: str | Path) -> list[str]:
             extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
             for name in extra:
                 full = f"{key}.{name}" if key else name
+                if full in REMOVED_KEYS:
+                    lines.append(f"config key '{full}' was removed: {REMOVED_KEYS[full]}")
+                    continue
                 known = ", ".join(sorted(error.schema.get("properties", {})))
                 lines.append(f"config key '{full}' is unknown (known here: {known})")
             continue

@@ -26,6 +26,7 @@ import numpy as np
 
 from n6qat.atomic import atomic_path, write_bytes, write_text
 from n6qat.errors import N6QATError
+from n6qat.metrics import cosine_similarity
 
 if TYPE_CHECKING:
     import keras
@@ -336,13 +337,13 @@ def agreement(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
     diff = out - ref
     ref_norm = float(np.linalg.norm(ref))
     rows = zip(ref.reshape(len(ref), -1), out.reshape(len(out), -1), strict=True)
-    per_sample = [_cosine(a, b) for a, b in rows]
+    per_sample = [cosine_similarity(a, b) for a, b in rows]
     if ref.shape[-1] == 1:
         same_top1 = (ref[..., 0] > 0.5) == (out[..., 0] > 0.5)
     else:
         same_top1 = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
     return {
-        "cosine": _cosine(ref.ravel(), out.ravel()),
+        "cosine": cosine_similarity(ref, out),
         "cosine_per_sample_mean": float(np.mean(per_sample)),
         "rmse": float(np.sqrt(np.mean(diff**2))),
         "mae": float(np.mean(np.abs(diff))),
@@ -351,13 +352,6 @@ def agreement(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
         "pearson_r": _pearson(ref.ravel(), out.ravel()),
         "top1_agreement": float(np.mean(same_top1)),
     }
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if na == 0.0 or nb == 0.0:
-        return 1.0 if na == nb else 0.0
-    return float(np.dot(a, b) / (na * nb))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -412,17 +406,34 @@ def convert_and_check(
     out_tflite: Path,
     out_validation: Path,
     out_report: Path,
+    labels: list[str],
+    reference: keras.Model | None = None,
+    ptq_report: dict | None = None,
+    pooling: str = "mean",
+    threshold: float = 0.5,
 ) -> dict:
-    """Convert ``model`` to full INT8, check it and gate it on float-vs-INT8 agreement.
+    """Convert ``model`` to full INT8, check it and gate it on what is deployed.
 
     Calibration draws ``calibration_size`` loud-enough training chunks, stratified by
-    class; the agreement is measured on ``validation_size`` validation chunks, which are
-    also saved with the float model's outputs for ``stedgeai validate`` and the host check.
-    Nothing is written unless the model passes both the INT8-only check and the gate.
+    class. The gate (``n6qat.gate``) compares the TFLite with the model's INT8
+    simulation (fidelity) and with the FP32 ``reference`` (default: ``model``) on the
+    whole validation split in file-level metrics, and, given ``ptq_report``, with the
+    PTQ baseline. ``validation_size`` validation chunks are saved with the float model's
+    outputs for ``stedgeai validate`` and the host check. Nothing is written unless the
+    model is pure INT8 and, when ``name`` is in ``convert.gate_models``, passes the gate.
     """
+    from n6qat.gate import (
+        GateSettings,
+        failures,
+        gate_checks,
+        quality,
+        without_passed_messages,
+    )
+    from n6qat.qat import simulated_int8
     from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
 
     x_val, val_chunks = val
+    reference = model if reference is None else reference
     calib = calibration_set(*train, settings)
     if settings["io_dtype"] == "int8":
         log.warning("convert.io_dtype is int8: the model's inputs and outputs are quantized; "
@@ -430,14 +441,30 @@ def convert_and_check(
     tflite_bytes = convert_int8(
         model, calib, per_channel=settings["per_channel"], io_dtype=settings["io_dtype"]
     )
+    info = read_tflite(tflite_bytes)
+    problems = int8_problems(info)
+    if problems:
+        raise N6QATError(f"the {name} INT8 model is not pure INT8:\n  " + "\n  ".join(problems))
+    x_all = np.asarray(x_val, dtype=np.float32)
+    int8_scores = run_tflite(tflite_bytes, x_all)
+    fp32_scores = np.asarray(reference.predict(x_all, batch_size=256, verbose=0), np.float32)
+    float_scores = (
+        fp32_scores if reference is model
+        else np.asarray(model.predict(x_all, batch_size=256, verbose=0), np.float32)
+    )
+    twin = simulated_int8(model, calib, per_channel=settings["per_channel"])
+    simulated = np.asarray(twin.predict(x_all, batch_size=256, verbose=0), np.float32)
     pick = select_representative(
         val_chunks["label_index"].to_numpy(), val_chunks["energy"].to_numpy(),
         settings["validation_size"], 0.0, settings["seed"],
     )
-    inputs = np.asarray(x_val[pick], dtype=np.float32)
-    reference = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)
-    outputs = run_tflite(tflite_bytes, inputs)
-    info = read_tflite(tflite_bytes)
+    measured = quality(int8_scores, fp32_scores, val_chunks, labels, pooling, threshold)
+    fidelity = {**agreement(simulated, int8_scores), "samples": len(x_all)}
+    checks = gate_checks(
+        name, fidelity, measured, GateSettings.from_config(settings),
+        ptq=None if ptq_report is None else ptq_report["quality"],
+    )
+    gated = name in settings["gate_models"]
     report = {
         "model": name,
         "size_bytes": len(tflite_bytes),
@@ -446,28 +473,24 @@ def convert_and_check(
         "calibration_chunks": int(len(calib)),
         "validation_chunks": int(len(pick)),
         "per_channel": settings["per_channel"],
-        "agreement": agreement(reference, outputs),
-        "int8_problems": int8_problems(info),
+        "agreement": agreement(float_scores[pick], int8_scores[pick]),
+        "simulation_fidelity": fidelity,
+        "quality": measured,
+        "gate": {
+            "gated": gated, "passed": not failures(checks),
+            "checks": without_passed_messages(checks),
+        },
+        "int8_problems": problems,
     }
-    log.info("%s INT8: %d bytes, agreement %s", name, len(tflite_bytes), report["agreement"])
-    if report["int8_problems"]:
-        raise N6QATError(
-            f"the {name} INT8 model is not pure INT8:\n  " + "\n  ".join(report["int8_problems"])
-        )
-    cosine = report["agreement"]["cosine"]
-    report["gate_passed"] = bool(cosine >= settings["min_cosine"])
-    if not report["gate_passed"]:
-        message = (
-            f"the {name} INT8 model agrees with its float model with cosine {cosine:.4f}, "
-            f"below convert.min_cosine={settings['min_cosine']}. What usually helps: QAT "
-            "(or more QAT epochs), per-channel weights (convert.per_channel: true), a "
-            "larger or more representative calibration set (convert.calibration_size, "
-            "convert.calibration_energy_threshold), or inputs with a smaller dynamic range."
-        )
-        if name in settings.get("gate_models", [name]):
-            raise N6QATError(message)
+    log.info("%s INT8: %d bytes\n%s", name, len(tflite_bytes), json.dumps(
+        {k: report[k] for k in ("agreement", "simulation_fidelity", "quality", "gate")},
+        indent=1, default=float))
+    failed = failures(checks)
+    if failed and gated:
+        raise N6QATError("\n".join(failed))
+    for message in failed:
         log.warning("%s (not gated: %s is not in convert.gate_models)", message, name)
     write_bytes(out_tflite, tflite_bytes)
-    save_validation_npz(out_validation, inputs, reference)
+    save_validation_npz(out_validation, x_all[pick], float_scores[pick])
     write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")
     return report

@@ -184,10 +184,31 @@ def replace_head(model, n_classes: int, seed: int = 0):
     return keras.Model(model.inputs, outputs, name=model.name)
 
 
+SAVED_DATE = "1980-01-01@00:00:00"
+"""The save date written into every .keras file: the same weights give the same bytes."""
+
+
 def save_model(model, path: Path) -> None:
-    """Save atomically: a temporary file in the same folder, then a rename."""
+    """Save atomically (a temporary file in the same folder, then a rename), reproducibly.
+
+    Keras stamps the save time into ``metadata.json`` and the zip entries; both are
+    replaced by fixed values so that two runs with the same weights give the same file.
+    """
+    import zipfile
+
     with atomic_path(path) as tmp:
         model.save(tmp)
+        with zipfile.ZipFile(tmp) as saved:
+            entries = [(info.filename, saved.read(info)) for info in saved.infolist()]
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as fixed:
+            for name, data in entries:
+                if name == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata["date_saved"] = SAVED_DATE
+                    data = json.dumps(metadata).encode()
+                info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                fixed.writestr(info, data)
 
 
 def read_labels(path: Path) -> list[str]:

@@ -24,13 +24,13 @@ SeparableConv2D, Conv1D, Conv2DTranspose.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from keras import ops
 
@@ -46,6 +46,15 @@ CALIBRATION_BATCHES = 8
 """Training batches used to initialise activation ranges before QAT."""
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+
+SELECTIONS = ("int8_file_top1", "int8_file_cmap", "last")
+"""How QAT picks the epoch it keeps: the INT8 simulation's validation file top-1 or
+cmAP (each breaking the other's ties; epoch 0, the starting weights, competes too), or
+simply the last epoch."""
+
+SELECT_WITH = ("tflite", "simulation")
+"""What scores an epoch for the selection: its converted full-INT8 TFLite (what is
+deployed: the PTQ baseline is then exactly epoch 0) or the twin's INT8 simulation."""
 
 _SEPARATE_ACTIVATIONS = (keras.activations.sigmoid, keras.activations.softmax)
 
@@ -76,9 +85,11 @@ class QATSettings:
     weight_decay: float = 0.0
     clipnorm: float | None = 1.0
     per_channel: bool = True
-    simulate_activations: bool = False
+    simulate_activations: bool = True
     frozen_layers: tuple[str, ...] = ()
     seed: int = 0
+    selection: str = "int8_file_top1"
+    select_with: str = "tflite"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen_layers", tuple(self.frozen_layers))
@@ -95,6 +106,10 @@ class QATSettings:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.clipnorm is not None and not self.clipnorm > 0:
             problems.append(f"clipnorm must be > 0 or null, got {self.clipnorm}")
+        if self.select_with not in SELECT_WITH:
+            problems.append(f"select_with must be one of {SELECT_WITH}, got {self.select_with!r}")
+        if self.selection not in SELECTIONS:
+            problems.append(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if problems:
             raise N6QATError("Invalid QAT settings (config key qat): " + "; ".join(problems))
 
@@ -221,6 +236,7 @@ class _QuantizedLayer(keras.layers.Layer):
         self.batch_norm = batch_norm
         self.out_axis = quantization_channel_axis(layer)
         self.channel_axis = self.out_axis if per_channel else None
+        self.float_weights = False  # calibration: the converter measures ranges in float
         self.output_range = (
             _ActivationRange(name=f"{layer.name}_range") if quantize_output else None
         )
@@ -239,6 +255,8 @@ class _QuantizedLayer(keras.layers.Layer):
             factor, offset = _batch_norm_factor_and_offset(self.batch_norm)
             kernel = kernel * ops.reshape(factor, kernel.shape[self.out_axis :])
             bias = offset if bias is None else bias * factor + offset
+        if self.float_weights:
+            return kernel, bias
         return fake_quantize_weights(kernel, self.channel_axis), bias
 
     def call(self, inputs, training=None):
@@ -262,6 +280,11 @@ class _QuantizedLayer(keras.layers.Layer):
         if self.logit_range is not None:
             outputs = self.logit_range(outputs, training=training)
         outputs = layer.activation(outputs)
+        if self.logit_range is not None and not self.float_weights:
+            # LOGISTIC / SOFTMAX write int8 with scale 1/256, zero point -128: [0, 255/256].
+            outputs = tf.quantization.fake_quant_with_min_max_args(
+                outputs, min=0.0, max=255.0 / 256.0, num_bits=8, narrow_range=False
+            )
         if self.output_range is not None:
             outputs = self.output_range(outputs, training=training)
         return outputs
@@ -495,26 +518,53 @@ def _wrapped(layer):
 
 
 def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable[np.ndarray]) -> None:
-    """Set every activation range of the twin to the min/max seen on float activations."""
+    """Set every activation range of the twin to the min/max seen on float activations.
+
+    The calibration pass runs as one compiled function per twin (traced once, in
+    calibration mode), so recalibrating every epoch costs a forward pass, not an eager one.
+    """
     ranges = [layer for layer in _twin_layers(qat_model) if isinstance(layer, _ActivationRange)]
     if not ranges:
         return
     for quantizer in ranges:
         quantizer.range_min.assign(0.0)
         quantizer.range_max.assign(0.0)
-        quantizer.calibrating = True
     seen = 0
-    try:
-        for batch in batches:
-            qat_model(batch, training=False)
-            seen += 1
-    finally:
-        for quantizer in ranges:
-            quantizer.calibrating = False
+    for batch in batches:
+        _calibration_pass(qat_model, ranges)(tf.convert_to_tensor(batch, tf.float32))
+        seen += 1
     if seen == 0:
         raise N6QATError("Activation calibration got no batches: the training data is empty.")
     for quantizer in ranges:
         quantizer.initialized.assign(1.0)
+
+
+def _calibration_pass(qat_model: keras.Model, ranges: list):
+    """The twin's forward pass with every range widening to what it sees, compiled once.
+
+    It runs on float weights and float activations, as the converter's calibration does,
+    so the ranges are the ones the converter will measure.
+    """
+    compiled = getattr(qat_model, "_n6qat_calibration_pass", None)
+    if compiled is not None:
+        return compiled
+
+    weights = [layer for layer in _twin_layers(qat_model) if isinstance(layer, _QuantizedLayer)]
+
+    def forward(x):
+        # As the converter calibrates: float weights (BN folded), float activations.
+        for layer in [*ranges, *weights]:
+            layer.calibrating = layer.float_weights = True
+        try:
+            return qat_model(x, training=False)
+        finally:
+            for layer in [*ranges, *weights]:
+                layer.calibrating = layer.float_weights = False
+
+    shape = (None, *qat_model.inputs[0].shape[1:])
+    compiled = tf.function(forward, input_signature=[tf.TensorSpec(shape, tf.float32)])
+    qat_model._n6qat_calibration_pass = compiled
+    return compiled
 
 
 def quantized_kernels(qat_model: keras.Model) -> dict[str, np.ndarray]:
@@ -554,119 +604,146 @@ def _batched(dataset: tf.data.Dataset, model: keras.Model, batch_size: int, name
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-class _EpochLog(keras.callbacks.Callback):
-    """Keeps the per-epoch logs in a JSON file so a resumed run returns the whole history.
+@dataclass(frozen=True)
+class ValidationFiles:
+    """Validation chunks with their files, for choosing the epoch by file-level INT8 metrics."""
 
-    Runs before BackupAndRestore at epoch end: if a run dies between the two writes,
-    the epoch is rerun from the older checkpoint and its entry overwritten.
+    features: np.ndarray
+    chunks: pd.DataFrame
+    labels: list[str]
+    pooling: str = "mean"
+    threshold: float = 0.5
+    io_dtype: str = "float32"
+
+
+def simulated_int8(model: keras.Model, calibration: np.ndarray, per_channel: bool = True,
+                   batch_size: int = 64) -> keras.Model:
+    """The twin in full simulation (weights and every int8 tensor), ranges from ``calibration``.
+
+    This is what the converter will deploy for the model's current weights; it shares
+    the model's variables, so call ``recalibrate`` on it after the weights change.
     """
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path = path
-        self.epochs: list[dict[str, float]] = []
-
-    def on_train_begin(self, logs=None):
-        if self.path.exists():
-            self.epochs = json.loads(self.path.read_text())
-
-    def on_epoch_end(self, epoch, logs=None):
-        entry = {key: float(value) for key, value in (logs or {}).items()}
-        self.epochs = [*self.epochs[:epoch], entry]
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(self.epochs))
-        partial.replace(self.path)
-
-    def history(self) -> dict[str, list[float]]:
-        keys = dict.fromkeys(key for entry in self.epochs for key in entry)
-        return {key: [entry.get(key, float("nan")) for entry in self.epochs] for key in keys}
+    twin = build_qat_model(model, per_channel, simulate_activations=True)
+    twin.calibration_batches = [
+        calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)
+    ]
+    calibrate_activation_ranges(twin, twin.calibration_batches)
+    return twin
 
 
-class _Recalibrate(keras.callbacks.Callback):
-    """Re-derives every activation range from the calibration set at each epoch start.
+def recalibrate(twin: keras.Model) -> None:
+    """Re-derive a ``simulated_int8`` twin's ranges from its calibration set."""
+    calibrate_activation_ranges(twin, twin.calibration_batches)
 
-    The converter takes its int8 ranges from the min/max over its representative set;
-    ranges taken from that same set keep the simulation on the converter's grid as the
-    weights move (batch ranges tracked by moving average are narrower: measured on the
-    demo, twin-vs-TFLite cosine 0.978 with them, 0.998 with the converter's set).
-    """
 
-    def __init__(self, twin: keras.Model, calibration: np.ndarray, batch_size: int):
-        super().__init__()
-        self.twin = twin
-        starts = range(0, len(calibration), batch_size)
-        self.batches = [calibration[i : i + batch_size] for i in starts]
+def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFiles):
+    """Validation metrics of the model's current weights in INT8: the simulation's
+    (``val_sim_*``) and, selecting with the TFLite, the converted model's (``val_int8_*``)."""
+    from n6qat.convert import convert_int8, run_tflite
+    from n6qat.evaluate import validation_metrics
 
-    def on_epoch_begin(self, epoch, logs=None):
-        calibrate_activation_ranges(self.twin, self.batches)
+    twin = simulated_int8(model, calibration, settings.per_channel, settings.batch_size)
+    x = np.asarray(files.features, dtype=np.float32)
+
+    def metrics(scores, prefix: str) -> dict[str, float]:
+        found = validation_metrics(scores, files.chunks, files.labels, files.pooling,
+                                   files.threshold)
+        return {f"{prefix}{key}": value for key, value in found.items()}
+
+    def score() -> dict[str, float]:
+        recalibrate(twin)
+        logs = metrics(twin.predict(x, batch_size=256, verbose=0), "val_sim_")
+        if settings.select_with == "tflite":
+            tflite = convert_int8(model, calibration, settings.per_channel, files.io_dtype)
+            logs.update(metrics(run_tflite(tflite, x), "val_int8_"))
+        return logs
+
+    return score
+
+
+def _selection(settings: QATSettings, scored: bool, validated: bool):
+    from n6qat.fit import Selection
+
+    if settings.selection == "last" or not (scored or validated):
+        return Selection("epoch", "max")
+    if not scored:
+        return Selection("val_loss", "min")
+    source = "int8" if settings.select_with == "tflite" else "sim"
+    first, second = (f"val_{source}_file_top1", f"val_{source}_file_cmap")
+    if settings.selection == "int8_file_cmap":
+        first, second = second, first
+    return Selection(first, "max", tie_break=second, guard=(first, second))
 
 
 def run_qat(
     model: keras.Model,
-    train_ds: tf.data.Dataset,
+    train_ds,
     val_ds: tf.data.Dataset | None,
     settings: QATSettings,
     checkpoint_dir: Path,
     loss="binary_crossentropy",
     callbacks: Iterable[keras.callbacks.Callback] = (),
     calibration: np.ndarray | None = None,
-) -> dict[str, list[float]]:
-    """Fine-tune `model` in place on the INT8 simulation; return the per-epoch history.
+    selection_files: ValidationFiles | None = None,
+):
+    """Fine-tune `model` in place on the INT8 simulation; return the ``n6qat.fit.FitResult``.
 
-    The datasets yield (features, target) examples, batched here with
-    `settings.batch_size`, or batches, used as they come. Validation runs on the
-    quantized twin. A checkpoint of weights, optimizer state and epoch is written to
-    `checkpoint_dir` after every epoch; rerunning with the same directory continues
-    after the last finished epoch (and returns at once if all epochs are done).
-    Sets the global random seeds to `settings.seed`.
+    ``train_ds``: an ``n6qat.fit.EpochBatches`` (resumable bit-exactly) or a tf.data
+    dataset of examples (batched here with `settings.batch_size`) or of batches.
+    Validation runs on the quantized twin. A backup of weights, optimizer state, history
+    and the best epoch is written to `checkpoint_dir` after every epoch; rerunning with
+    the same directory continues after the last finished epoch.
 
     With activation simulation and a `calibration` set (the chunks the converter will
     calibrate on), ranges come from that set, re-derived at every epoch start, instead
-    of moving averages of batch ranges. With validation data, the weights of the epoch
-    with the lowest validation loss (on the simulation) are kept.
+    of moving averages of batch ranges. With ``selection_files`` (and a calibration set)
+    every epoch, and the starting weights as epoch 0, is scored in INT8 (the converted
+    TFLite or the simulation, ``settings.select_with``) by file-level validation
+    metrics; the best epoch (``settings.selection``) that loses neither top-1 nor cmAP
+    against epoch 0 is kept, so QAT never keeps weights that quantize worse than the
+    starting ones. Otherwise the lowest simulated validation loss is kept, or the last
+    epoch without validation data.
     """
+    from n6qat.fit import EpochBatches, fit_epochs
+
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(settings.seed)
-    train = _batched(train_ds, model, settings.batch_size, "train_ds")
+    if not isinstance(train_ds, EpochBatches):
+        train_ds = _batched(train_ds, model, settings.batch_size, "train_ds")
     val = None if val_ds is None else _batched(val_ds, model, settings.batch_size, "val_ds")
     trainable = {id(layer): (layer, layer.trainable) for layer in _all_layers(model)}
     try:
         twin = build_qat_model(
             model, settings.per_channel, settings.simulate_activations, settings.frozen_layers
         )
-        extra: list[keras.callbacks.Callback] = []
+        epoch_begin = None
         if settings.simulate_activations and calibration is not None:
             for quantizer in _twin_layers(twin):
                 if isinstance(quantizer, _ActivationRange):
                     quantizer.tracking = False
-            extra.append(_Recalibrate(twin, calibration, settings.batch_size))
-            calibrate_activation_ranges(twin, extra[0].batches)
+            starts = range(0, len(calibration), settings.batch_size)
+            batches = [calibration[i : i + settings.batch_size] for i in starts]
+            calibrate_activation_ranges(twin, batches)
+
+            def epoch_begin(epoch: int) -> None:
+                calibrate_activation_ranges(twin, batches)
         elif settings.simulate_activations:
-            calibrate_activation_ranges(twin, (x for x, _ in train.take(CALIBRATION_BATCHES)))
-        if val is not None:
-            extra.append(keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=settings.epochs, restore_best_weights=True
-            ))
+            first = train_ds.dataset(0) if isinstance(train_ds, EpochBatches) else train_ds
+            calibrate_activation_ranges(twin, (x for x, _ in first.take(CALIBRATION_BATCHES)))
+        score = None
+        if selection_files is not None and calibration is not None:
+            score = _int8_scorer(model, settings, calibration, selection_files)
         twin.compile(
             optimizer=_optimizer(settings),
             loss=loss,
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="acc")],
         )
-        log = _EpochLog(checkpoint_dir / "history.json")
-        backup = keras.callbacks.BackupAndRestore(  # double: a save torn by a kill falls back
-            str(checkpoint_dir / "backup"), save_freq="epoch", delete_checkpoint=False,
-            double_checkpoint=True,
-        )
-        twin.fit(
-            train,
-            validation_data=val,
-            epochs=settings.epochs,
-            callbacks=[*extra, log, backup, *callbacks],  # log before backup: see _EpochLog
-            shuffle=False,
-            verbose=2,
+        result = fit_epochs(
+            twin, model, train_ds, val, settings.epochs, checkpoint_dir,
+            _selection(settings, score is not None, val is not None), settings.seed,
+            score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
         )
     finally:
         for layer, flag in trainable.values():
             layer.trainable = flag
-    return log.history()
+    return result

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from n6qat.atomic import atomic_path
+from n6qat.metrics import cosine_similarity, sqnr_db
 from n6qat.n6 import CPURAM2_BYTES, METRIC_NAMES, NPU_BANK_BYTES, NPU_BANKS
 
 MODEL_LABELS = {
@@ -46,7 +47,10 @@ DELTAS = [
     ("qat_int8", "qat_fp32"),
 ]
 DELTA_MARK = "Δ "
-CURVE_LABELS = {"loss": "loss", "acc": "accuracy", "auc": "ROC-AUC"}
+CURVE_LABELS = {
+    "loss": "loss", "acc": "accuracy", "auc": "ROC-AUC",
+    "int8_file_top1": "INT8 simulation: file top-1", "int8_file_cmap": "INT8 simulation: file cmAP",
+}
 KIB = 1024
 MEMORY_POOLS = {
     "one npuRAM bank, 448 KiB": NPU_BANK_BYTES,
@@ -178,10 +182,20 @@ def plot_summary(summary: pd.DataFrame):
 # --- training curves -----------------------------------------------------------------------
 
 
+CURVE_INT8_METRICS = ("int8_file_top1", "int8_file_cmap")
+"""Validation-only metrics of the INT8 simulation that QAT chooses its epoch by."""
+
+
 def curve_metrics(histories: Iterable[pd.DataFrame]) -> list[str]:
-    """The training metrics in any history (loss first), without their val_ twins."""
-    names = {c for h in histories for c in h.columns if c != "epoch" and not c.startswith("val_")}
-    return sorted(names, key=lambda n: (n != "loss", n))
+    """The training metrics in any history (loss first), without their val_ twins, then the
+    INT8 simulation's validation metrics where recorded."""
+    histories = list(histories)
+    names = {
+        c for h in histories for c in h.columns
+        if c not in ("epoch", "selected") and not c.startswith("val_")
+    }
+    int8 = [m for m in CURVE_INT8_METRICS if any(f"val_{m}" in h.columns for h in histories)]
+    return sorted(names, key=lambda n: (n != "loss", n)) + int8
 
 
 def plot_training_curves(histories: Mapping[str, pd.DataFrame]):
@@ -196,7 +210,8 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]):
     fig, axes = new_figure(4.2 * len(metrics), 4.2, panels=len(metrics))
     offset = 0
     for n, (stage, history) in enumerate(histories.items()):
-        epochs = offset + np.arange(1, len(history) + 1)
+        numbers = history["epoch"] if "epoch" in history else np.arange(1, len(history) + 1)
+        epochs = offset + np.asarray(numbers)
         for ax, metric in zip(axes, metrics, strict=True):
             if n > 0:
                 ax.axvline(offset + 0.5, color="grey", lw=0.8, ls=":")
@@ -211,7 +226,11 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]):
                     color=f"C{n}",
                     label=f"{stage} validation",
                 )
-        offset += len(history)
+                if "selected" in history and history["selected"].any():
+                    kept = history["selected"].to_numpy(bool)
+                    ax.plot(epochs[kept], history[f"val_{metric}"][kept], "*", ms=11,
+                            color=f"C{n}", label=f"{stage} kept epoch")
+        offset += int(epochs.max()) - offset if len(epochs) else 0
     for ax, metric in zip(axes, metrics, strict=True):
         ax.set_title(CURVE_LABELS.get(metric, metric))
         ax.set_xlabel("epoch (stages in sequence)")
@@ -274,9 +293,8 @@ def plot_per_class_ap(per_class: pd.DataFrame, models: list[str]):
 def output_agreement(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
     """Cosine, RMSE, largest absolute difference and top-1 agreement of two score arrays."""
     a, b = np.asarray(reference, np.float64), np.asarray(test, np.float64)
-    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
     return {
-        "cosine": float(np.sum(a * b)) / norms if norms > 0 else float("nan"),
+        "cosine": cosine_similarity(a, b),
         "rmse": float(np.sqrt(np.mean((a - b) ** 2))),
         "max_abs": float(np.max(np.abs(a - b))),
         "top1": float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))),
@@ -315,16 +333,6 @@ def plot_output_scatter(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]):
 
 
 # --- quantization: weights -----------------------------------------------------------------
-
-
-def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio 10·log10(‖w‖² / ‖w − Q(w)‖²) in dB (inf: exact)."""
-    w = np.asarray(reference, dtype=np.float64)
-    noise = float(np.sum((w - np.asarray(approximation, dtype=np.float64)) ** 2))
-    signal = float(np.sum(w**2))
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def dequantize(codes: np.ndarray, scales, zero_points, axis: int = 0) -> np.ndarray:
@@ -700,3 +708,47 @@ def config_html(config: Mapping) -> str:
     return html_page(
         "Configuration of this run", body, "Every key, with the defaults of the schema filled in."
     )
+
+
+# --- quantization: per-tensor fidelity ---
+
+
+def plot_layer_fidelity(tables: Mapping[str, pd.DataFrame]):
+    """Cosine and SQNR (dB) of each int8 tensor against its float activation, along the graph.
+
+    `tables` maps a model ("ptq", "qat") to its `n6qat.layer_fidelity` table; x is the
+    tensor's position in execution order, labelled with the Keras layer it stands for.
+    Tensors without a float twin are left out of the lines; exact ones (inf dB) are drawn
+    at SQNR_CAP_DB.
+    """
+    longest = max(tables.values(), key=len)
+    fig, (cos_ax, sqnr_ax) = new_figure(max(10.0, 0.36 * len(longest) + 3.0), 5.2, panels=2)
+    for model, table in tables.items():
+        shown = table[np.isfinite(table["cosine"]) & table["sqnr_db"].notna()]
+        worst = shown.loc[shown["sqnr_db"].idxmin()] if len(shown) else None
+        where = f", lowest SQNR at {_fidelity_tick(worst)}" if worst is not None else ""
+        cos_ax.plot(shown["order"], shown["cosine"], "-o", ms=3, label=f"{label(model)}{where}")
+        sqnr_ax.plot(shown["order"], shown["sqnr_db"].clip(upper=SQNR_CAP_DB), "-o", ms=3)
+    ticks = [_fidelity_tick(row) for row in longest.to_dict("records")]
+    names = ("cosine similarity (1 = same direction)", "SQNR (dB, higher is better)")
+    for ax, name in zip((cos_ax, sqnr_ax), names, strict=True):
+        ax.set_xticks(longest["order"].to_numpy(), ticks, rotation=60, ha="right", fontsize=7)
+        ax.set_xlabel("int8 tensor, in execution order (Keras layer)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    cos_ax.set_ylim(top=1.0005)
+    cos_ax.set_title("Cosine of INT8 vs float activation")
+    sqnr_ax.set_title("SQNR = 10·log10(‖x‖² / ‖x − x_int8‖²)")
+    fig.legend(*cos_ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    fig.suptitle("Per-tensor INT8 fidelity: where the INT8 error enters along the graph")
+    return fig
+
+
+def _fidelity_tick(row) -> str:
+    """A tensor's tick label: its Keras layer (marked when before the activation), else its op."""
+    from n6qat.layer_fidelity import PRE_ACTIVATION
+
+    layer = row["layer"] if isinstance(row["layer"], str) else ""  # a CSV's empty cell: NaN
+    if not layer:
+        return f"({row['op']})"
+    return f"{layer} (pre-act)" if row["compared_with"] == PRE_ACTIVATION else layer

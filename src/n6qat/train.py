@@ -11,13 +11,22 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
-def configure_threads(threads: int) -> None:
-    """Give TensorFlow the rule's threads (call before any TensorFlow op runs)."""
+def configure_runtime(threads: int, seed: int | None = None) -> None:
+    """TensorFlow's thread pools, op determinism and (with ``seed``) every global seed.
+
+    Call before any TensorFlow op runs. ``threads`` must come from the config or the
+    rule, not from ``--cores``: float sums over a different thread split round
+    differently, so the same seed on another thread count gives other weights.
+    """
+    import keras
     import tensorflow as tf
 
     threads = max(1, int(threads))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+    tf.config.experimental.enable_op_determinism()
 
 
 def multi_hot(label_index: np.ndarray, n_classes: int) -> np.ndarray:
@@ -36,27 +45,7 @@ def training_rows(chunks: pd.DataFrame, upsampled: pd.DataFrame) -> np.ndarray:
     return np.repeat(chunks["row"].to_numpy(), times)
 
 
-def make_dataset(
-    features: np.ndarray,
-    targets: np.ndarray,
-    rows: np.ndarray,
-    batch_size: int,
-    shuffle: bool,
-    seed: int = 0,
-):
-    """A tf.data pipeline over the given feature rows (features cast to float32)."""
-    import tensorflow as tf
-
-    x = np.asarray(features[np.sort(np.unique(rows))], dtype=np.float32)
-    remap = {r: i for i, r in enumerate(np.sort(np.unique(rows)))}
-    idx = np.array([remap[r] for r in rows], dtype=np.int64)
-    ds = tf.data.Dataset.from_tensor_slices((x[idx], targets[rows]))
-    if shuffle:
-        ds = ds.shuffle(len(idx), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def split_datasets(
+def epoch_batches(
     train: tuple[np.ndarray, pd.DataFrame],
     val: tuple[np.ndarray, pd.DataFrame],
     upsampled: pd.DataFrame,
@@ -64,17 +53,19 @@ def split_datasets(
     batch_size: int,
     seed: int = 0,
 ):
-    """Shuffled, upsampled training batches and ordered validation batches."""
+    """Upsampled training batches in a per-epoch seeded order, and ordered validation batches."""
+    from n6qat.fit import EpochBatches
+
     (x_train, train_chunks), (x_val, val_chunks) = train, val
-    train_ds = make_dataset(
+    train_batches = EpochBatches(
         x_train, multi_hot(train_chunks["label_index"], n_classes),
-        training_rows(train_chunks, upsampled), batch_size, True, seed,
+        training_rows(train_chunks, upsampled), batch_size, seed,
     )
-    val_ds = make_dataset(
+    val_batches = EpochBatches(
         x_val, multi_hot(val_chunks["label_index"], n_classes),
-        val_chunks["row"].to_numpy(), batch_size, False,
+        val_chunks["row"].to_numpy(), batch_size, seed, shuffle=False,
     )
-    return train_ds, val_ds
+    return train_batches, val_batches.dataset(0)
 
 
 def compile_classifier(model, learning_rate: float, steps: int, weight_decay: float = 0.0):
@@ -91,39 +82,6 @@ def compile_classifier(model, learning_rate: float, steps: int, weight_decay: fl
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="acc")],
     )
-
-
-def fit_classifier(
-    model,
-    train_ds,
-    val_ds,
-    epochs: int,
-    patience: int,
-    checkpoint_dir: Path,
-):
-    """Train with early stopping on validation loss, keeping the best epoch's weights.
-
-    Progress is backed up after every epoch to ``checkpoint_dir/epochs`` and the
-    per-epoch metrics appended to ``checkpoint_dir/history.csv``; a rerun after an
-    interruption resumes from the last finished epoch (model and optimizer state).
-    """
-    import keras
-
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [
-        keras.callbacks.BackupAndRestore(  # double: a save torn by a kill falls back
-            str(checkpoint_dir / "epochs"), save_freq="epoch", double_checkpoint=True
-        ),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True
-        ),
-        keras.callbacks.CSVLogger(str(checkpoint_dir / "history.csv"), append=True),
-    ]
-    history = model.fit(
-        train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=2
-    )
-    return history.history
 
 
 def load_split(features_npy: Path, chunks_csv: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -163,40 +121,41 @@ def pretrain(
     checkpoint_dir: Path,
     seed: int = 0,
     trainable_head_only: bool = False,
-) -> dict:
-    """Train ``model`` in place on the upsampled training chunks; returns the history."""
-    train_ds, val_ds = split_datasets(train, val, upsampled, n_classes, batch_size, seed)
-    rows = training_rows(train[1], upsampled)
-    val_chunks = val[1]
+):
+    """Train ``model`` in place, keeping the epoch with the lowest validation loss.
+
+    Returns the ``n6qat.fit.FitResult``; a rerun with the same ``checkpoint_dir``
+    resumes after the last finished epoch, with the same result as an uninterrupted run.
+    """
+    from n6qat.fit import Selection, fit_epochs
+
+    train_batches, val_ds = epoch_batches(train, val, upsampled, n_classes, batch_size, seed)
     if trainable_head_only:
         for layer in model.layers[:-1]:
             layer.trainable = False
-    steps = epochs * int(np.ceil(len(rows) / batch_size))
+    steps = epochs * int(np.ceil(len(train_batches) / batch_size))
     compile_classifier(model, learning_rate, steps)
     log.info("training on %d chunks per epoch (%d unique), %d validation chunks",
-             len(rows), len(np.unique(rows)), len(val_chunks))
-    history = fit_classifier(model, train_ds, val_ds, epochs, patience, checkpoint_dir)
+             len(train_batches), int(train_batches.x.shape[0]), len(val[1]))
+    result = fit_epochs(
+        model, model, train_batches, val_ds, epochs, checkpoint_dir,
+        Selection("val_loss", "min", patience=patience), seed,
+    )
     for layer in model.layers:
         layer.trainable = True
-    return history
+    return result
 
 
-def finish_backup(checkpoint_dir: Path, history_out: Path | None) -> None:
-    """Move the finished run's history to its output and drop the epoch backups."""
+def finish_backup(checkpoint_dir: Path) -> None:
+    """Drop a finished run's epoch backups."""
     import shutil
 
-    from n6qat.atomic import atomic_path
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if history_out is not None:
-        with atomic_path(history_out) as tmp:
-            shutil.copyfile(checkpoint_dir / "history.csv", tmp)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
-def write_history(history: dict[str, list[float]], path: Path) -> None:
-    """Per-epoch metrics as a CSV (one row per epoch), written atomically."""
+def write_history(result, path: Path) -> None:
+    """Per-epoch metrics of a ``FitResult`` as a CSV (one row per epoch), written atomically."""
     from n6qat.atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        pd.DataFrame(history).rename_axis("epoch").to_csv(tmp)
+        result.table().to_csv(tmp)

@@ -24,6 +24,16 @@ os.environ.update(
     )
 )
 
+if config["qat"]["per_channel"] != config["convert"]["per_channel"]:
+    raise WorkflowError(
+        f"invalid configuration: qat.per_channel ({config['qat']['per_channel']}) differs "
+        f"from convert.per_channel ({config['convert']['per_channel']}): QAT would train on "
+        "a weight grid the converter does not write; set both to the same value"
+    )
+
+# TensorFlow threads of the training and conversion jobs: from the config, never from
+# --cores, so that the same config and seed give the same bytes (config/README.md).
+TF_THREADS = config["compute"]["threads"]
 DEMO_ROOT = "resources/demo"
 INT8_MODELS = ["ptq", "qat"]
 SPLITS = ["train", "val", "test"]
@@ -87,6 +97,18 @@ def keras_model_for(wildcards):
     return {"ptq": "results/model/pretrained.keras", "qat": "results/model/qat.keras"}[
         wildcards.model
     ]
+
+
+def convert_inputs(wildcards):
+    """What converting one INT8 model needs beyond the features: the FP32 reference and,
+    for QAT, the PTQ baseline's report (the gate compares QAT-INT8 with PTQ-INT8)."""
+    inputs = {
+        "model": keras_model_for(wildcards),
+        "reference": "results/model/pretrained.keras",
+    }
+    if wildcards.model == "qat":
+        inputs["ptq_report"] = "results/convert/ptq.json"
+    return inputs
 
 
 EVAL_MODELS = ["fp32", "qat_fp32", "ptq_int8", "qat_int8"]

@@ -1,6 +1,7 @@
 rule convert_int8:
     input:
-        model=keras_model_for,
+        unpack(convert_inputs),
+        labels="results/index/labels.txt",
         train="results/features/train.npy",
         train_chunks="results/features/train_chunks.csv",
         val="results/features/val.npy",
@@ -17,11 +18,39 @@ rule convert_int8:
         model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
-    threads: 2
+    threads: TF_THREADS
     resources:
         mem_mb=4000,
         runtime=30,
     params:
         convert=config["convert"],
+        evaluate=config["evaluate"],
+        threads=TF_THREADS,
     script:
         "../scripts/convert_int8.py"
+
+
+rule layer_fidelity:
+    input:
+        model=keras_model_for,
+        tflite="results/model_{model}_int8.tflite",
+        validation="results/model_{model}_int8_validation.npz",
+    output:
+        csv="results/convert/{model}_layers.csv",
+    log:
+        "logs/convert_{model}_layers.log",
+    benchmark:
+        "benchmarks/runs/layer_fidelity_{model}.tsv"
+    wildcard_constraints:
+        model="ptq|qat",
+    conda:
+        "../../envs/tf.yaml"
+    threads: TF_THREADS
+    resources:
+        mem_mb=3000,
+        runtime=15,
+    params:
+        max_samples=64,
+        threads=TF_THREADS,
+    script:
+        "../scripts/layer_fidelity.py"

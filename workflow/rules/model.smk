@@ -15,13 +15,14 @@ rule pretrain:
         "benchmarks/runs/pretrain.tsv"
     conda:
         "../../envs/tf.yaml"
-    threads: 2
+    threads: TF_THREADS
     resources:
         mem_mb=6000,
         runtime=120,
     params:
         settings=feature_settings(),
         model=config["model"],
+        threads=TF_THREADS,
         backup="results/model/.backup/pretrain",
     script:
         "../scripts/pretrain.py"
@@ -45,13 +46,14 @@ rule prepare_pretrained:
         "benchmarks/runs/prepare_pretrained.tsv"
     conda:
         "../../envs/tf.yaml"
-    threads: 2
+    threads: TF_THREADS
     resources:
         mem_mb=6000,
         runtime=60,
     params:
         settings=feature_settings(),
         model=config["model"],
+        threads=TF_THREADS,
         backup="results/model/.backup/head",
     script:
         "../scripts/prepare_pretrained.py"
@@ -75,13 +77,15 @@ rule qat:
         "benchmarks/runs/qat.tsv"
     conda:
         "../../envs/tf.yaml"
-    threads: 2
+    threads: TF_THREADS
     resources:
         mem_mb=6000,
         runtime=120,
     params:
         qat=config["qat"],
         calibration=config["convert"],
+        evaluate=config["evaluate"],
+        threads=TF_THREADS,
         backup="results/model/.backup/qat",
     script:
         "../scripts/qat.py"

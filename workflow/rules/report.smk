@@ -13,6 +13,8 @@ REPORT_OUTPUTS = [
     "results/report/confusion.png",
     "results/report/per_class_ap.png",
     "results/report/output_scatter.png",
+    "results/report/int8_gate.html",
+    "results/report/layer_fidelity.png",
     "results/report/weight_sqnr.png",
     "results/report/class_counts.png",
     "results/report/rejected.html",
@@ -62,6 +64,56 @@ rule report_summary:
         runtime=5,
     script:
         "../scripts/report_summary.py"
+
+
+rule report_int8_gate:
+    input:
+        reports=expand("results/convert/{model}.json", model=INT8_MODELS),
+    output:
+        table=report(
+            "results/report/int8_gate.html",
+            caption="../report/int8_gate.rst",
+            category="4. Quantization",
+            labels={"content": "INT8 gate (table)"},
+        ),
+    log:
+        "logs/report/int8_gate.log",
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        models=INT8_MODELS,
+    script:
+        "../scripts/report_int8_gate.py"
+
+
+rule report_layer_fidelity:
+    input:
+        csv=expand("results/convert/{model}_layers.csv", model=INT8_MODELS),
+    output:
+        figure=report(
+            "results/report/layer_fidelity.png",
+            caption="../report/layer_fidelity.rst",
+            category="4. Quantization",
+            labels={"content": "INT8 fidelity per tensor"},
+        ),
+    log:
+        "logs/report/layer_fidelity.log",
+    benchmark:
+        "benchmarks/runs/report_layer_fidelity.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        models=[f"{model.upper()}-INT8" for model in INT8_MODELS],
+    script:
+        "../scripts/report_layer_fidelity.py"
 
 
 rule report_curves:

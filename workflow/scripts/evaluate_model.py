@@ -4,10 +4,10 @@ import numpy as np
 
 from n6qat.evaluate import host_latency_ms, predict, save_scores
 from n6qat.rulelog import rule_logging
-from n6qat.train import configure_threads, load_split
+from n6qat.train import configure_runtime, load_split
 
 with rule_logging(snakemake.log[0]) as log:
-    configure_threads(snakemake.threads)
+    configure_runtime(snakemake.threads)
     features, chunks = load_split(snakemake.input.test, snakemake.input.test_chunks)
     x = np.asarray(features, dtype=np.float32)
     scores = predict(snakemake.input.model, x)

@@ -4,10 +4,10 @@ from n6qat.dataset import read_table
 from n6qat.features import FeatureSettings
 from n6qat.model import prepare_pretrained, read_labels, save_model, write_json
 from n6qat.rulelog import rule_logging
-from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, pretrain
+from n6qat.train import backup_dir, configure_runtime, finish_backup, load_split, pretrain
 
 with rule_logging(snakemake.log[0]) as log:
-    configure_threads(snakemake.threads)
+    configure_runtime(snakemake.params.threads, snakemake.params.model["seed"])
     cfg = snakemake.params.model
     labels = read_labels(snakemake.input.labels)
     model, info, replaced = prepare_pretrained(
@@ -22,8 +22,11 @@ with rule_logging(snakemake.log[0]) as log:
     )
     if replaced:
         log.info("classifier head replaced for %d classes; training it", len(labels))
-        backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
-        history = pretrain(
+        backup = backup_dir(
+            snakemake.params.backup, {**cfg, "threads": snakemake.params.threads},
+            tuple(snakemake.input),
+        )
+        result = pretrain(
             model,
             load_split(snakemake.input.train, snakemake.input.train_chunks),
             load_split(snakemake.input.val, snakemake.input.val_chunks),
@@ -37,7 +40,7 @@ with rule_logging(snakemake.log[0]) as log:
             seed=cfg["seed"],
             trainable_head_only=True,
         )
-        info["head_training"] = {k: [float(v) for v in vals] for k, vals in history.items()}
-        finish_backup(backup, None)
+        info["head_training"] = {"best_epoch": result.best_epoch, "epochs": result.history}
+        finish_backup(backup)
     save_model(model, snakemake.output.model)
     write_json(snakemake.output.info, info)

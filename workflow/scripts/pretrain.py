@@ -4,10 +4,17 @@ from n6qat.dataset import read_table
 from n6qat.features import FeatureSettings
 from n6qat.model import build_dscnn, read_labels, save_model
 from n6qat.rulelog import rule_logging
-from n6qat.train import backup_dir, configure_threads, finish_backup, load_split, pretrain
+from n6qat.train import (
+    backup_dir,
+    configure_runtime,
+    finish_backup,
+    load_split,
+    pretrain,
+    write_history,
+)
 
 with rule_logging(snakemake.log[0]) as log:
-    configure_threads(snakemake.threads)
+    configure_runtime(snakemake.params.threads, snakemake.params.model["seed"])
     cfg = snakemake.params.model
     settings = FeatureSettings.from_dict(snakemake.params.settings)
     labels = read_labels(snakemake.input.labels)
@@ -17,9 +24,11 @@ with rule_logging(snakemake.log[0]) as log:
     )
     log.info("DS-CNN: %d parameters, input %s", model.count_params(), settings.input_shape)
     backup = backup_dir(
-        snakemake.params.backup, {**cfg, **settings.to_dict()}, tuple(snakemake.input)
+        snakemake.params.backup,
+        {**cfg, **settings.to_dict(), "threads": snakemake.params.threads},
+        tuple(snakemake.input),
     )
-    pretrain(
+    result = pretrain(
         model,
         load_split(snakemake.input.train, snakemake.input.train_chunks),
         load_split(snakemake.input.val, snakemake.input.val_chunks),
@@ -33,4 +42,5 @@ with rule_logging(snakemake.log[0]) as log:
         seed=cfg["seed"],
     )
     save_model(model, snakemake.output.model)
-    finish_backup(backup, snakemake.output.history)
+    write_history(result, snakemake.output.history)
+    finish_backup(backup)

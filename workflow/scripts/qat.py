@@ -3,19 +3,19 @@
 from n6qat.convert import calibration_set
 from n6qat.dataset import read_table
 from n6qat.model import load_model, read_labels, save_model
-from n6qat.qat import QATSettings, run_qat
+from n6qat.qat import QATSettings, ValidationFiles, run_qat
 from n6qat.rulelog import rule_logging
 from n6qat.train import (
     backup_dir,
-    configure_threads,
+    configure_runtime,
+    epoch_batches,
     finish_backup,
     load_split,
-    split_datasets,
     write_history,
 )
 
 with rule_logging(snakemake.log[0]) as log:
-    configure_threads(snakemake.threads)
+    configure_runtime(snakemake.params.threads, snakemake.params.qat["seed"])
     cfg = snakemake.params.qat
     settings = QATSettings(
         epochs=cfg["epochs"],
@@ -28,24 +28,33 @@ with rule_logging(snakemake.log[0]) as log:
         simulate_activations=cfg["simulate_activations"],
         frozen_layers=tuple(cfg["freeze"]),
         seed=cfg["seed"],
+        selection=cfg["selection"],
+        select_with=cfg["select_with"],
     )
     labels = read_labels(snakemake.input.labels)
     model = load_model(snakemake.input.model)
     train = load_split(snakemake.input.train, snakemake.input.train_chunks)
-    train_ds, val_ds = split_datasets(
-        train,
-        load_split(snakemake.input.val, snakemake.input.val_chunks),
-        read_table(snakemake.input.upsampled),
-        n_classes=len(labels),
-        batch_size=settings.batch_size,
-        seed=settings.seed,
+    val = load_split(snakemake.input.val, snakemake.input.val_chunks)
+    train_batches, val_ds = epoch_batches(
+        train, val, read_table(snakemake.input.upsampled), n_classes=len(labels),
+        batch_size=settings.batch_size, seed=settings.seed,
     )
-    backup = backup_dir(snakemake.params.backup, cfg, tuple(snakemake.input))
+    evaluate = snakemake.params.evaluate
+    backup = backup_dir(
+        snakemake.params.backup,
+        {"qat": cfg, "calibration": snakemake.params.calibration, "evaluate": evaluate,
+         "threads": snakemake.params.threads},
+        tuple(snakemake.input),
+    )
     log.info("QAT: %s", settings)
-    history = run_qat(
-        model, train_ds, val_ds, settings, checkpoint_dir=backup,
+    result = run_qat(
+        model, train_batches, val_ds, settings, checkpoint_dir=backup,
         calibration=calibration_set(*train, snakemake.params.calibration),
+        selection_files=ValidationFiles(
+            val[0], val[1], labels, evaluate["pooling"], evaluate["threshold"],
+            io_dtype=snakemake.params.calibration["io_dtype"],
+        ),
     )
     save_model(model, snakemake.output.model)
-    write_history(history, snakemake.output.history)
-    finish_backup(backup, None)
+    write_history(result, snakemake.output.history)
+    finish_backup(backup)

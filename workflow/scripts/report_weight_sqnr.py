@@ -14,10 +14,10 @@ from n6qat.report import (
     weight_sqnr,
 )
 from n6qat.rulelog import rule_logging
-from n6qat.train import configure_threads
+from n6qat.train import configure_runtime
 
 with rule_logging(snakemake.log[0]) as log:
-    configure_threads(snakemake.threads)
+    configure_runtime(snakemake.threads)
     tables = {}
     for name, keras_path, tflite_path in zip(
         snakemake.params.models, snakemake.input.keras, snakemake.input.tflite, strict=True

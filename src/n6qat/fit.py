@@ -1,0 +1,317 @@
+"""One training loop for pretraining and QAT: reproducible epochs, a backup after each
+epoch, and the best epoch kept across interruptions.
+
+Each epoch is one ``fit`` call on data whose order depends only on (seed, epoch), with
+every dropout seed reset from (seed, epoch) too, so a run resumed after epoch k trains
+epoch k + 1 exactly as an uninterrupted run does. After every epoch the loop writes the
+trainer's variables and optimizer state, the best epoch's weights and the history into
+``checkpoint_dir`` (each file under a temporary name, then renamed; ``state.json``, which
+names the others, last), so a kill at any moment leaves a consistent backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from n6qat.atomic import atomic_path, write_text
+from n6qat.errors import N6QATError
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which epoch's weights are kept: the best ``monitor`` value (ties: ``tie_break``).
+
+    ``guard``: metrics (larger is better) that an epoch must not lose against epoch 0,
+    the starting weights, to be kept at all. ``patience``: stop after this many epochs
+    without a new best (None: never stop early).
+    """
+
+    monitor: str = "val_loss"
+    mode: str = "min"
+    tie_break: str | None = None
+    guard: tuple[str, ...] = ()
+    patience: int | None = None
+
+    def admits(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
+        """Whether the guard lets ``logs``'s epoch be kept (always, without epoch 0)."""
+        if start is None:
+            return True
+        return all(logs.get(m, -math.inf) >= start.get(m, -math.inf) for m in self.guard)
+
+    def key(self, logs: dict[str, float]) -> tuple[float, float]:
+        """A sort key where larger is better; NaN (not measured) is worst."""
+        sign = -1.0 if self.mode == "min" else 1.0
+        values = [logs.get(self.monitor, math.nan)]
+        values.append(logs.get(self.tie_break, math.nan) if self.tie_break else 0.0)
+        return tuple(-math.inf if math.isnan(v) else sign * v for v in values)
+
+
+@dataclass
+class FitResult:
+    """The per-epoch logs (epoch 0: before training, when scored) and the kept epoch."""
+
+    history: list[dict[str, float]]
+    best_epoch: int | None
+
+    def table(self):
+        """The history as a DataFrame indexed by epoch, with a ``selected`` column."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.history).set_index("epoch")
+        frame["selected"] = frame.index == self.best_epoch
+        return frame
+
+
+def epoch_seed(seed: int, epoch: int, salt: str = "") -> int:
+    """A 31-bit seed that depends only on (seed, epoch, salt)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{salt}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def reseed_dropout(model: keras.Model, seed: int, epoch: int) -> None:
+    """Set every seed generator of ``model`` (dropout and other random layers) from (seed, epoch).
+
+    A loaded model's generators start from unseeded state; without this the dropout
+    masks, and so the trained weights, differ from run to run.
+    """
+    for index, layer in enumerate(_all_layers(model)):
+        for number, generator in enumerate(getattr(layer, "_seed_generators", [])):
+            value = epoch_seed(seed, epoch, f"{index}/{number}/{layer.name}")
+            generator.state.assign(np.array([value, 0], dtype=generator.state.dtype))
+
+
+def _all_layers(model) -> Iterable:
+    seen: set[int] = set()
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if id(layer) not in seen:
+            seen.add(id(layer))
+            yield layer
+        for attr in ("layer", "output_range", "input_range", "logit_range", "batch_norm"):
+            inner = getattr(layer, attr, None)
+            if inner is not None and hasattr(inner, "_seed_generators") and id(inner) not in seen:
+                seen.add(id(inner))
+                yield inner
+
+
+class EpochBatches:
+    """Training batches in an order that depends only on (seed, epoch).
+
+    ``rows`` index ``features`` (repeats allowed: upsampled files); the distinct rows are
+    converted to float32 once and every epoch gathers its shuffled batches from them.
+    """
+
+    def __init__(
+        self, features: np.ndarray, targets: np.ndarray, rows: np.ndarray, batch_size: int,
+        seed: int, shuffle: bool = True,
+    ):
+        import tensorflow as tf
+
+        unique, index = np.unique(np.asarray(rows), return_inverse=True)
+        self.x = tf.constant(np.asarray(features[unique], dtype=np.float32))
+        self.y = tf.constant(np.asarray(targets)[unique])
+        self.index = index.astype(np.int64)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Positions into the distinct rows, in this epoch's order."""
+        if not self.shuffle:
+            return self.index
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        return self.index[rng.permutation(len(self.index))]
+
+    def dataset(self, epoch: int) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        x, y = self.x, self.y
+        ds = tf.data.Dataset.from_tensor_slices(self.order(epoch)).batch(self.batch_size)
+        return ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(2)
+
+
+def fit_epochs(
+    trainer: keras.Model,
+    kept: keras.Model,
+    train: EpochBatches | Callable[[int], Any] | Any,
+    val: Any,
+    epochs: int,
+    checkpoint_dir: Path,
+    selection: Selection,
+    seed: int,
+    score: Callable[[], dict[str, float]] | None = None,
+    score_initial: bool = False,
+    epoch_begin: Callable[[int], None] | None = None,
+    callbacks: Iterable[keras.callbacks.Callback] = (),
+) -> FitResult:
+    """Train the compiled ``trainer`` for ``epochs``; leave the best epoch's weights in ``kept``.
+
+    ``kept`` is the model whose weights are the result: the trainer itself, or the model
+    a QAT twin shares its variables with. ``train`` gives each epoch's data: an
+    ``EpochBatches``, a function of the epoch, or one dataset for every epoch. ``score``
+    adds metrics to an epoch's logs after it (e.g. the INT8 simulation on validation);
+    with ``score_initial`` the weights before training are scored as epoch 0 and can be
+    the ones kept. ``epoch_begin`` runs before each epoch (e.g. activation recalibration).
+    Rerunning with the same ``checkpoint_dir`` continues after the last finished epoch.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(checkpoint_dir)
+    history: list[dict[str, float]] = state.get("history", [])
+    best_epoch: int | None = state.get("best_epoch")
+    done = int(state.get("epochs_done", 0))
+    _build_optimizer(trainer)
+    if state:
+        _restore(trainer, checkpoint_dir / state["last"])
+        log.info("resuming after epoch %d of %d (backup %s)", done, epochs, checkpoint_dir)
+    elif score is not None and score_initial:
+        history = [{"epoch": 0, **score()}]
+        best_epoch = 0
+        _save(checkpoint_dir, trainer, kept, history, 0, best_epoch, new_best=True)
+        log.info("epoch 0 (before training): %s", _brief(history[0]))
+    data_for = _epoch_data(train)
+    for epoch in range(done, epochs):
+        if _patience_exhausted(history, best_epoch, selection):
+            log.info("stopping early: no better %s for %d epochs", selection.monitor,
+                     selection.patience)
+            break
+        reseed_dropout(trainer, seed, epoch)
+        if epoch_begin is not None:
+            epoch_begin(epoch)
+        started = time.perf_counter()
+        fitted = trainer.fit(
+            data_for(epoch), validation_data=val, initial_epoch=epoch, epochs=epoch + 1,
+            shuffle=False, verbose=0, callbacks=list(callbacks),
+        )
+        seconds = time.perf_counter() - started
+        logs = {"epoch": epoch + 1}
+        logs.update({key: float(values[-1]) for key, values in fitted.history.items()})
+        if score is not None:
+            logs.update(score())
+        history.append(logs)
+        start = history[0] if history[0]["epoch"] == 0 else None
+        new_best = selection.admits(logs, start) and (
+            best_epoch is None
+            or selection.key(logs) > selection.key(_entry(history, best_epoch))
+        )
+        best_epoch = epoch + 1 if new_best else best_epoch
+        _save(checkpoint_dir, trainer, kept, history, epoch + 1, best_epoch, new_best)
+        log.info("epoch %d of %d (%.1f s): %s%s", epoch + 1, epochs, seconds, _brief(logs),
+                 " (best so far)" if new_best else "")
+    state = _read_state(checkpoint_dir)
+    if state.get("best"):
+        _load_weights(kept, checkpoint_dir / state["best"])
+    log.info("kept epoch %s by %s", best_epoch, selection.monitor)
+    return FitResult(history=history, best_epoch=best_epoch)
+
+
+def _epoch_data(train) -> Callable[[int], Any]:
+    if isinstance(train, EpochBatches):
+        return train.dataset
+    if callable(train) and not hasattr(train, "element_spec"):
+        return train
+    return lambda epoch: train
+
+
+def _entry(history: list[dict[str, float]], epoch: int) -> dict[str, float]:
+    return next(entry for entry in history if entry["epoch"] == epoch)
+
+
+def _patience_exhausted(history, best_epoch, selection: Selection) -> bool:
+    if selection.patience is None or best_epoch is None or not history:
+        return False
+    return history[-1]["epoch"] - best_epoch >= selection.patience
+
+
+def _brief(logs: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k != "epoch")
+
+
+def _build_optimizer(trainer) -> None:
+    optimizer = trainer.optimizer
+    if optimizer is None:
+        raise N6QATError("fit_epochs needs a compiled model (call compile first)")
+    if not optimizer.built:
+        optimizer.build(trainer.trainable_variables)
+
+
+def _trainer_state(trainer) -> list:
+    return [*trainer.variables, *trainer.optimizer.variables]
+
+
+def _save(directory: Path, trainer, kept, history, epoch: int, best_epoch, new_best: bool):
+    """Write this epoch's backup; the state file, written last, makes it the current one."""
+    last = f"epoch-{epoch}.npz"
+    _write_arrays(directory / last, _trainer_state(trainer))
+    old = _read_state(directory)
+    best = f"best-{epoch}.npz" if new_best else old.get("best")
+    if new_best:
+        _write_arrays(directory / best, kept.weights)
+    state = {
+        "epochs_done": epoch if epoch > 0 else 0, "last": last, "best": best,
+        "best_epoch": best_epoch, "history": history,
+    }
+    write_text(directory / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    keep = {STATE_FILE, last, best}
+    for path in directory.glob("*.npz"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _write_arrays(path: Path, variables) -> None:
+    arrays = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _read_arrays(path: Path, variables, what: str) -> None:
+    variables = list(variables)
+    with np.load(path) as data:
+        arrays = [data[f"v{i:04d}"] for i in range(len(data.files))]
+    shapes = [tuple(v.shape) for v in variables]
+    if [a.shape for a in arrays] != shapes:
+        raise N6QATError(
+            f"the backup {path} does not match the {what} being trained ({len(arrays)} saved "
+            f"arrays, {len(shapes)} variables); delete {path.parent} to start afresh"
+        )
+    for variable, array in zip(variables, arrays, strict=True):
+        variable.assign(array)
+
+
+def _restore(trainer, path: Path) -> None:
+    _read_arrays(path, _trainer_state(trainer), "model and optimizer")
+
+
+def _load_weights(kept, path: Path) -> None:
+    _read_arrays(path, kept.weights, "model")
+
+
+def _read_state(directory: Path) -> dict:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise N6QATError(f"the training backup {path} is unreadable ({err}); delete "
+                         f"{directory} to start afresh") from err

@@ -1,0 +1,179 @@
+"""Judging an INT8 model by what is deployed: simulation fidelity, and quality against FP32 and PTQ.
+
+Two questions, two checks. Fidelity: does the converted model compute what the QAT
+simulation (the twin with fake-quantized weights and activations, on the converter's
+calibration ranges) computes? It should, to cosine >= 0.99; less is a bug in the
+simulation or the converter path. Quality: what does a user lose by deploying the INT8
+model instead of the FP32 reference, in the metrics they read (file-level top-1, macro
+F1, cmAP, top-1 agreement), on the validation split? Losses are in metric points
+(percentage points; cmAP x 100). The float-vs-INT8 output cosine stays a diagnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from n6qat.evaluate import pool_files, validation_metrics
+
+QUALITY_METRICS = ("file_top1", "file_macro_f1", "file_cmap")
+METRIC_NAMES = {
+    "file_top1": "file-level top-1",
+    "file_macro_f1": "file-level macro F1",
+    "file_cmap": "file-level cmAP",
+}
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Limits of the INT8 gate (config keys ``convert.*``)."""
+
+    min_simulation_cosine: float = 0.99
+    max_loss_vs_fp32: float = 3.0
+    max_loss_vs_ptq: float = 1.0
+    metrics: tuple[str, ...] = ("file_top1", "file_cmap")
+
+    @classmethod
+    def from_config(cls, convert: dict) -> GateSettings:
+        return cls(
+            min_simulation_cosine=convert["min_simulation_cosine"],
+            max_loss_vs_fp32=convert["max_loss_vs_fp32"],
+            max_loss_vs_ptq=convert["max_loss_vs_ptq"],
+            metrics=tuple(convert["gate_metrics"]),
+        )
+
+
+def quality(
+    int8_scores: np.ndarray,
+    fp32_scores: np.ndarray,
+    chunks: pd.DataFrame,
+    labels: list[str],
+    pooling: str = "mean",
+    threshold: float = 0.5,
+) -> dict:
+    """INT8 and FP32 validation metrics side by side, the INT8 loss in points, top-1 agreement."""
+    int8 = validation_metrics(int8_scores, chunks, labels, pooling, threshold)
+    fp32 = validation_metrics(fp32_scores, chunks, labels, pooling, threshold)
+    int8_files, *_ = pool_files(int8_scores, chunks, pooling)
+    fp32_files, *_ = pool_files(fp32_scores, chunks, pooling)
+    return {
+        "int8": int8,
+        "fp32": fp32,
+        "loss_vs_fp32_points": {m: 100.0 * (fp32[m] - int8[m]) for m in QUALITY_METRICS},
+        "file_top1_agreement": float(np.mean(int8_files.argmax(1) == fp32_files.argmax(1))),
+        "chunk_top1_agreement": float(np.mean(int8_scores.argmax(1) == fp32_scores.argmax(1))),
+    }
+
+
+def gate_checks(
+    name: str,
+    fidelity: dict | None,
+    measured: dict,
+    settings: GateSettings,
+    ptq: dict | None = None,
+) -> list[dict]:
+    """Every check of the gate with what was measured, the limit and a hint on failure.
+
+    ``fidelity``: the INT8-vs-simulation agreement (None: not measured); ``measured``:
+    this model's ``quality``; ``ptq``: the PTQ baseline's ``quality``, for a QAT model.
+    """
+    checks = []
+    if fidelity is not None:
+        cosine = fidelity["cosine"]
+        checks.append({
+            "check": "simulation_fidelity",
+            "measured": cosine,
+            "limit": settings.min_simulation_cosine,
+            "passed": bool(cosine >= settings.min_simulation_cosine),
+            "message": (
+                f"the {name} INT8 TFLite agrees with its INT8 simulation (the QAT twin with "
+                f"fake-quantized weights and activations on the converter's calibration "
+                f"ranges) with output cosine {cosine:.4f} on {fidelity['samples']} validation "
+                f"chunks, below convert.min_simulation_cosine={settings.min_simulation_cosine}"
+                f" (top-1 agreement {100 * fidelity['top1_agreement']:.1f} %). The simulation "
+                "does not match what the converter builds: this is a bug to report with the "
+                "model, not a setting to tune; results/convert/*_layers.csv shows where the "
+                "tensors part."
+            ),
+        })
+    for metric in settings.metrics:
+        loss = measured["loss_vs_fp32_points"][metric]
+        checks.append(_loss_check(
+            name, metric, "fp32", loss, settings.max_loss_vs_fp32, measured["fp32"][metric],
+            measured["int8"][metric], measured["int8"]["files"], "convert.max_loss_vs_fp32",
+        ))
+        if ptq is not None:
+            loss = 100.0 * (ptq["int8"][metric] - measured["int8"][metric])
+            checks.append(_loss_check(
+                name, metric, "ptq", loss, settings.max_loss_vs_ptq, ptq["int8"][metric],
+                measured["int8"][metric], measured["int8"]["files"], "convert.max_loss_vs_ptq",
+            ))
+    return checks
+
+
+def _loss_check(name, metric, against, loss, limit, reference, value, files, key) -> dict:
+    what = {"fp32": "the FP32 reference model", "ptq": "the PTQ-INT8 baseline"}[against]
+    hints = {
+        "fp32": "more QAT epochs (qat.epochs) or a lower qat.learning_rate, per-channel "
+                "weights (convert.per_channel: true, qat.per_channel: true), a larger "
+                "calibration set (convert.calibration_size); with few validation files one "
+                "file is several points: raise the limit if the validation split is small",
+        "ptq": "QAT keeps the epoch whose INT8 simulation is best on validation, epoch 0 "
+               "(the PTQ weights) included, so this should not happen: check that "
+               "qat.selection is not 'last' and that the QAT and convert settings agree",
+    }[against]
+    scale = 100.0
+    return {
+        "check": f"{metric}_loss_vs_{against}",
+        "measured": loss,
+        "limit": limit,
+        "passed": bool(loss <= limit + 1e-9),
+        "message": (
+            f"the {name} INT8 model loses {loss:.1f} points of {METRIC_NAMES[metric]} to {what} "
+            f"on the validation split ({scale * reference:.1f} -> {scale * value:.1f}, "
+            f"{int(files)} files), more than {key}={limit:g}. What to try: {hints}."
+        ),
+    }
+
+
+def failures(checks: list[dict]) -> list[str]:
+    """The messages of the failed checks."""
+    return [check["message"] for check in checks if not check["passed"]]
+
+
+def without_passed_messages(checks: list[dict]) -> list[dict]:
+    """The checks as the report stores them: a message only where a check failed."""
+    return [
+        {k: v for k, v in check.items() if k != "message" or not check["passed"]}
+        for check in checks
+    ]
+
+
+def gate_table(reports: dict[str, dict]) -> pd.DataFrame:
+    """One column per INT8 model: the gate's checks and the validation numbers behind them."""
+    columns = {}
+    for name, report in reports.items():
+        measured = report["quality"]
+        column = {
+            "gated": report["gate"]["gated"],
+            "passed": report["gate"]["passed"],
+            "simulation fidelity (cosine)": report["simulation_fidelity"]["cosine"],
+            "validation files": int(measured["int8"]["files"]),
+        }
+        for metric in QUALITY_METRICS:
+            column[f"{METRIC_NAMES[metric]}: FP32"] = measured["fp32"][metric]
+            column[f"{METRIC_NAMES[metric]}: INT8"] = measured["int8"][metric]
+            column[f"{METRIC_NAMES[metric]}: loss vs FP32 (points)"] = (
+                measured["loss_vs_fp32_points"][metric]
+            )
+        for check in report["gate"]["checks"]:
+            if check["check"].endswith("_vs_ptq"):
+                metric = check["check"].removesuffix("_loss_vs_ptq")
+                column[f"{METRIC_NAMES[metric]}: loss vs PTQ-INT8 (points)"] = check["measured"]
+        column["file top-1 agreement with FP32"] = measured["file_top1_agreement"]
+        column["chunk top-1 agreement with FP32"] = measured["chunk_top1_agreement"]
+        column["output cosine vs its float model (diagnostic)"] = report["agreement"]["cosine"]
+        columns[name] = column
+    return pd.DataFrame(columns)

@@ -1,0 +1,147 @@
+"""The one training loop: reproducible epochs, backups, the best epoch kept across a kill."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+from n6qat import fit  # noqa: E402
+from n6qat.errors import N6QATError  # noqa: E402
+
+
+def _model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,), name="x")
+    x = L.Dense(8, activation="relu", name="hidden")(inputs)
+    x = L.Dropout(0.5, name="dropout")(x)
+    outputs = L.Dense(2, activation="sigmoid", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    return model
+
+
+def _batches(seed: int = 0, n: int = 40) -> fit.EpochBatches:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(n, 6)).astype(np.float16)
+    y = (rng.uniform(size=(n, 2)) < 0.5).astype(np.float32)
+    rows = np.r_[np.arange(n), np.arange(5)]  # the first five rows upsampled
+    return fit.EpochBatches(x, y, rows, batch_size=8, seed=seed)
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    a, b = _batches(1), _batches(1)
+    np.testing.assert_array_equal(a.order(3), b.order(3))
+    assert not np.array_equal(a.order(3), a.order(4))
+    assert not np.array_equal(a.order(3), _batches(2).order(3))
+    assert sorted(a.order(0)) == sorted(a.index)  # a permutation of every (repeated) row
+    assert len(a) == 45 and int(a.x.shape[0]) == 40  # distinct rows converted once
+    ordered = fit.EpochBatches(np.zeros((4, 1)), np.zeros((4, 1)), np.arange(4), 2, 0, False)
+    np.testing.assert_array_equal(ordered.order(5), np.arange(4))
+    x, _ = next(iter(a.dataset(0)))
+    assert x.dtype.name == "float32" and tuple(x.shape) == (8, 6)
+
+
+def test_reseeded_dropout_gives_the_same_masks_after_any_load(tmp_path):
+    """A loaded model's dropout starts from unseeded state; reseeding makes it reproducible."""
+    _model().save(tmp_path / "m.keras")
+    x = np.ones((4, 6), np.float32)
+    outs = []
+    for _ in range(2):
+        model = keras.saving.load_model(tmp_path / "m.keras")
+        fit.reseed_dropout(model, seed=3, epoch=1)
+        outs.append(model(x, training=True).numpy())
+    np.testing.assert_array_equal(*outs)
+    fit.reseed_dropout(model, seed=3, epoch=2)
+    assert not np.array_equal(model(x, training=True).numpy(), outs[0])
+
+
+def test_selection_key_prefers_the_best_and_treats_nan_as_worst():
+    high = fit.Selection("score", "max", tie_break="other")
+    assert high.key({"score": 0.8, "other": 0.1}) > high.key({"score": 0.7, "other": 0.9})
+    assert high.key({"score": 0.8, "other": 0.2}) > high.key({"score": 0.8, "other": 0.1})
+    assert high.key({"score": 0.1}) > high.key({"score": math.nan})
+    low = fit.Selection("val_loss", "min")
+    assert low.key({"val_loss": 0.1}) > low.key({"val_loss": 0.2})
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.kill_epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.kill_epoch:
+            raise _Killed()
+
+
+def _scripted_score(values):
+    """Scores in a fixed order: the best epoch is known in advance."""
+    queue = list(values)
+    return lambda: {"val_score": queue.pop(0)}
+
+
+def _run(ckpt, score_values, callbacks=()):
+    model = _model()
+    result = fit.fit_epochs(
+        model, model, _batches(), None, 4, ckpt, fit.Selection("val_score", "max"), seed=5,
+        score=_scripted_score(score_values), score_initial=True, callbacks=callbacks,
+    )
+    return model, result
+
+
+def test_the_best_epoch_is_kept_across_an_interruption(tmp_path):
+    scores = [0.1, 0.3, 0.9, 0.2, 0.4]  # epoch 0 .. 4: epoch 2 is best
+    reference, ref_result = _run(tmp_path / "ref", scores)
+    assert ref_result.best_epoch == 2
+
+    with pytest.raises(_Killed):  # killed as epoch 4 starts, after the best epoch 2
+        _run(tmp_path / "ck", scores, callbacks=[_KillAtEpoch(3)])
+    state = json.loads((tmp_path / "ck" / fit.STATE_FILE).read_text())
+    assert state["epochs_done"] == 3 and state["best_epoch"] == 2
+    resumed, result = _run(tmp_path / "ck", scores[4:])  # only epoch 4 is still scored
+
+    assert result.best_epoch == 2
+    assert [e["epoch"] for e in result.history] == [0, 1, 2, 3, 4]
+    assert result.history == ref_result.history  # bit-identical losses after the resume
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    table = result.table()
+    assert table["selected"].tolist() == [False, False, True, False, False]
+
+
+def test_epoch_zero_wins_when_training_never_beats_it(tmp_path):
+    model, result = _run(tmp_path / "ck", [0.9, 0.1, 0.2, 0.3, 0.4])
+    start = _model().get_weights()
+    assert result.best_epoch == 0
+    for a, b in zip(model.get_weights(), start, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_patience_stops_early_and_keeps_the_best(tmp_path):
+    model = _model()
+    result = fit.fit_epochs(
+        model, model, _batches(), None, 6, tmp_path / "ck",
+        fit.Selection("val_score", "max", patience=2), seed=5,
+        score=_scripted_score([0.5, 0.9, 0.1, 0.2, 0.3, 0.4]),
+    )
+    assert [e["epoch"] for e in result.history] == [1, 2, 3, 4] and result.best_epoch == 2
+
+
+def test_a_backup_from_another_model_is_refused(tmp_path):
+    _run(tmp_path / "ck", [0.1, 0.2, 0.3, 0.4, 0.5], callbacks=[_KillAtEpoch(99)])
+    other = keras.Sequential([keras.Input((6,)), L.Dense(3)])
+    other.compile(optimizer="adam", loss="mse")
+    with pytest.raises(N6QATError, match="does not match"):
+        fit.fit_epochs(other, other, _batches(), None, 5, tmp_path / "ck",
+                       fit.Selection("loss"), seed=5)
