@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CORES ?= 8
 
-.PHONY: setup run report test lint clean
+.PHONY: setup run report test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ report: run
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check src workflow/scripts tests benchmarks

@@ -12,14 +12,20 @@ SNAKEFILE = ROOT / "Snakefile"
 TINY = ROOT / "tests/config/tiny.yaml"
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the workflow in ``workdir`` on the tiny config; returns the finished process."""
-    cmd = [
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The command line that runs the workflow in ``workdir`` on the tiny config."""
+    return [
         sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
         "--directory", str(workdir), "--configfile", str(TINY), "--cores", "2", *args,
     ]  # fmt: skip
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the workflow in ``workdir`` on the tiny config; returns the finished process."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    return subprocess.run(
+        snakemake_command(workdir, *args), capture_output=True, text=True, env=env, timeout=1200
+    )
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,9 @@ PLAIN_LAYERS = {
     "Add", "SpatialDropout2D", "GlobalAveragePooling2D", "Dropout", "Dense",
 }
 
-pytestmark = pytest.mark.skipif(not CHECKPOINT.is_file(), reason=f"no {CHECKPOINT}")
+# Only the tests of the shared BirdNET-STM32 checkpoint need it; the committed tiny fixtures
+# are tested without it.
+needs_checkpoint = pytest.mark.skipif(not CHECKPOINT.is_file(), reason=f"no {CHECKPOINT}")
 
 
 def reference_signal(sample_rate=22050, seconds=3.0, n_chunks=2):
@@ -89,6 +91,7 @@ def reference():
     return np.load(FIXTURES / "shared_reference.npz")
 
 
+@needs_checkpoint
 def test_shared_checkpoint_loads_without_birdnet_code_and_matches_it(
     shared_model, settings, reference
 ):
@@ -102,6 +105,7 @@ def test_shared_checkpoint_loads_without_birdnet_code_and_matches_it(
     assert out.max() > 0.9  # the reference is not a flat, uninformative output
 
 
+@needs_checkpoint
 @pytest.mark.parametrize(
     ("kind", "scale", "key", "step"),
     [("linear", "none", "linear", (4, 8)), ("mel", "none", "mel_none", (2, 8)),
@@ -132,12 +136,17 @@ def test_tiny_checkpoints_of_both_layouts_match_birdnet(name):
         assert np.abs(model(x).numpy() - expected).max() > 1e-3
 
 
-def test_weight_layout_of_the_shared_checkpoint_and_of_other_files(tmp_path):
+@needs_checkpoint
+def test_weight_layout_of_the_shared_checkpoint():
     assert birdnet.weight_layout(CHECKPOINT) == "legacy"
+
+
+def test_weight_layout_of_other_files(tmp_path):
     (tmp_path / "x.keras").write_text("not a zip")
     assert birdnet.weight_layout(tmp_path / "x.keras") is None
 
 
+@needs_checkpoint
 def test_unfolded_frontend_is_plain_keras_with_the_same_outputs(
     shared_model, unfolded, settings, reference
 ):
@@ -189,6 +198,7 @@ def test_unsupported_modes_name_what_is_missing(tmp_path):
         load_model(raw)
 
 
+@needs_checkpoint
 def test_read_sidecar_maps_the_shared_config(tmp_path):
     features = birdnet.read_sidecar(birdnet.sidecar_path(CHECKPOINT))
     assert features == {
@@ -218,6 +228,7 @@ def test_read_sidecar_maps_the_shared_config(tmp_path):
         birdnet.read_sidecar(sidecar())
 
 
+@needs_checkpoint
 def test_check_sidecar_catches_a_frontend_built_for_other_audio(shared_model):
     features = birdnet.read_sidecar(birdnet.sidecar_path(CHECKPOINT))
     birdnet.check_sidecar(shared_model, features, "m")
@@ -225,6 +236,7 @@ def test_check_sidecar_catches_a_frontend_built_for_other_audio(shared_model):
         birdnet.check_sidecar(shared_model, {**features, "sample_rate": 16000}, "m")
 
 
+@needs_checkpoint
 def test_labels_file_gives_the_class_order_and_a_subset_gets_a_new_head(settings):
     labels = read_labels(SHARED / "birdnet_stm32n6_100_labels.txt")
     sidecar = json.loads(birdnet.sidecar_path(CHECKPOINT).read_text())
@@ -233,6 +245,7 @@ def test_labels_file_gives_the_class_order_and_a_subset_gets_a_new_head(settings
     assert replaced and model.output_shape == (None, 3) and info["model_labels"] == labels
 
 
+@needs_checkpoint
 def test_int8_conversion_agrees_with_the_float_checkpoint(unfolded, settings):
     calibration = spectrogram(varied_chunks(12, seed=1), settings)
     validation = spectrogram(varied_chunks(8, seed=2), settings)
@@ -241,6 +254,7 @@ def test_int8_conversion_agrees_with_the_float_checkpoint(unfolded, settings):
     assert result["cosine"] >= 0.95, result
 
 
+@needs_checkpoint
 def test_qat_twin_quantizes_the_unfolded_frontend_only(shared_model, unfolded, settings):
     frontend = {"audio_frontend_mel_mixer", "audio_frontend_pwl_k0_dw",
                 *(f"audio_frontend_pwl_{kind}{i}_dw" for kind in ("shift", "k") for i in (1, 2, 3))}
@@ -253,6 +267,7 @@ def test_qat_twin_quantizes_the_unfolded_frontend_only(shared_model, unfolded, s
     keras.backend.clear_session()
 
 
+@needs_checkpoint
 def test_plain_keras_loading_assumes_the_current_layout():
     """Why load_model reads the layout first: the legacy file does not fit the current one."""
     with pytest.raises(ValueError, match="expected 1 variables, but received 0"):

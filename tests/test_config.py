@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from n6qat.config import config_errors
+from n6qat.config import coerce_config, config_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
@@ -37,6 +37,18 @@ def test_unknown_key_and_wrong_type_are_named():
     assert any("'qat.epocs' is unknown" in p for p in problems)
     assert any("'features.n_fft'" in p and "integer" in p for p in problems)
     assert config_errors({"typo": 1}, SCHEMA) == [
-        "config key 'typo' is unknown (known here: convert, data, evaluate, features, model, npu, "
-        "qat, split, stedgeai)"
+        "config key 'typo' is unknown (known here: compute, convert, data, evaluate, features, "
+        "model, npu, qat, split, stedgeai)"
     ]
+
+
+def test_a_removed_key_says_what_replaced_it():
+    (problem,) = config_errors({"convert": {"min_cosine": 0.95}}, SCHEMA)
+    assert "'convert.min_cosine' was removed" in problem
+    assert "convert.max_loss_vs_fp32" in problem and "min_simulation_cosine" in problem
+
+
+def test_command_line_numbers_without_a_dot_are_numbers():
+    config = {"qat": {"learning_rate": "2e-5", "epochs": "3"}}
+    coerce_config(config, SCHEMA)
+    assert config["qat"] == {"learning_rate": 2e-5, "epochs": 3}

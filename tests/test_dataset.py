@@ -1,6 +1,7 @@
 """Tests for n6qat.dataset: indexing a class-per-folder tree, splitting and upsampling."""
 
 import hashlib
+import re
 import unicodedata
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import soundfile as sf
 from n6qat.dataset import (
     NEGATIVE_FOLDERS_DEFAULT,
     assign_splits,
-    check_usable,
+    check_trees,
+    check_val_split,
     class_labels,
     index_tree,
     split_hash,
@@ -185,16 +187,90 @@ def test_class_labels_exclude_negatives(indexed: tuple[pd.DataFrame, pd.DataFram
     assert class_labels(indexed[0]) == ["amsel", "meise"]
 
 
-def test_check_usable(indexed: tuple[pd.DataFrame, pd.DataFrame]) -> None:
-    files = indexed[0]
-    check_usable(files)
-    one_class = files[files["label"] != "meise"]
-    with pytest.raises(N6QATError, match="found 1 usable target class") as caught:
-        check_usable(one_class)
-    assert "amsel: 10 files" in str(caught.value)
-    assert "Noise: 2 files (negative)" in str(caught.value)
-    with pytest.raises(N6QATError, match="no usable audio files"):
-        check_usable(files.iloc[0:0])
+def test_check_trees_accepts_a_usable_tree(
+    tree: Path, indexed: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    check_trees(*indexed, {"train": tree})  # rejected files alone do not stop the run
+
+
+def _index(root: Path, source: str = "train") -> tuple[pd.DataFrame, pd.DataFrame]:
+    return index_tree(root, source, NEGATIVE_FOLDERS_DEFAULT, MIN_DURATION, show_progress=False)
+
+
+def _tone(root: Path, relative: str, seconds: float = 1.0) -> None:
+    write_tone(root / relative, 16000, 1, seconds, "WAV", "PCM_16")
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ({}, r"data.train: {root} holds no files\. Put one sub-folder of audio files per class"),
+        (
+            {"amsel/a.wav": 0.2, "meise/b.wav": 0.2},
+            r"(?s)data.train: none of the 2 files under {root} is usable audio:\n"
+            r"  amsel/a.wav: too short: 0.200 s.*meise/b.wav",
+        ),
+        (
+            {"amsel/a.wav": 1, "amsel/b.wav": 1, "meise/c.wav": 0.2},
+            r"(?s)data.train: every file of the class 'meise' in {root} was rejected:\n"
+            r"  meise/c.wav: too short.*Replace these files with readable audio, or remove "
+            r"{root}/meise\.",
+        ),
+        (
+            {"noise/a.wav": 1, "Silence/b.wav": 1},
+            r"data.train: {root} holds only negative folders \(Silence: 1 file \(negative\), "
+            r"noise: 1 file \(negative\)\); folders named in data.negatives",
+        ),
+        (
+            {"amsel/a.wav": 1, "amsel/b.wav": 1, "noise/c.wav": 1},
+            r"data.train: {root} holds 1 class \(amsel: 2 files, noise: 1 file \(negative\)\), "
+            r"at least 2 are needed",
+        ),
+    ],
+    ids=["empty", "all rejected", "class rejected", "only negatives", "one class"],
+)
+def test_check_trees_names_the_folder_and_what_to_do(
+    tmp_path: Path, layout: dict[str, float], message: str
+) -> None:
+    root = tmp_path / "train"
+    root.mkdir()
+    for relative, seconds in layout.items():
+        _tone(root, relative, seconds)
+    with pytest.raises(N6QATError, match=message.format(root=re.escape(str(root)))):
+        check_trees(*_index(root), {"train": root})
+
+
+def _index_both(train: Path, test: Path) -> list[pd.DataFrame]:
+    """(files, rejected) of both trees together, as the index rule makes them."""
+    pairs = zip(_index(train), _index(test, "test"), strict=True)
+    return [pd.concat(pair, ignore_index=True) for pair in pairs]
+
+
+def test_check_trees_checks_the_test_tree(tmp_path: Path) -> None:
+    train, test = tmp_path / "train", tmp_path / "test"
+    for relative in ("amsel/a.wav", "meise/b.wav"):
+        _tone(train, relative)
+    test.mkdir()
+    tables = _index_both(train, test)
+    with pytest.raises(N6QATError, match='data.test: .* holds no files.*or set data.test: ""'):
+        check_trees(*tables, {"train": train, "test": test})
+    _tone(test, "drossel/c.wav")
+    tables = _index_both(train, test)
+    with pytest.raises(N6QATError, match=r"data.test: the classes \['drossel'\] .* no usable"):
+        check_trees(*tables, {"train": train, "test": test})
+
+
+def test_check_val_split_names_a_class_without_validation_files() -> None:
+    files = make_files({"amsel": 6, "meise": 1}).assign(negative=False)
+    split = assign_splits(files, 0.15, 0.0, seed=0)
+    with pytest.raises(N6QATError) as caught:
+        check_val_split(split, "/data/train")
+    assert str(caught.value).startswith(
+        "data.train: the validation split gets no file of 'meise' (1 file in /data/train/meise)"
+    )
+    assert "split.val_fraction" in str(caught.value)
+    check_val_split(assign_splits(make_files({"amsel": 6, "meise": 2}).assign(negative=False),
+                                  0.15, 0.0, seed=0), "/data/train")
 
 
 # ---------------------------------------------------------------- assign_splits

@@ -85,5 +85,18 @@ def test_prepare_pretrained_checks_and_replaces(tmp_path, model):
         prepare_pretrained(path, ["a", "b", "d", "e"], SMALL)
     loaded, info, replaced = prepare_pretrained(path, ["a", "d"], SMALL, replace=True)
     assert replaced and loaded.output_shape == (None, 2)
-    with pytest.raises(N6QATError, match="no such file"):
+    with pytest.raises(N6QATError, match="missing.keras does not exist"):
         prepare_pretrained(tmp_path / "missing.keras", ["a"], SMALL)
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    """Keras stamps the save time and Python object ids into a .keras file; save_model
+    replaces both, so two builds of the same model give identical files."""
+    from n6qat.model import save_model
+
+    for name in ("a", "b"):
+        save_model(build_dscnn(SMALL, n_classes=3, width=0.5, depth=2, seed=1),
+                   tmp_path / f"{name}.keras")
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+    loaded = keras.saving.load_model(tmp_path / "a.keras")
+    assert loaded.count_params() == build_dscnn(SMALL, 3, width=0.5, depth=2).count_params()

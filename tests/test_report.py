@@ -152,13 +152,18 @@ def test_table_html_signs_differences_and_dashes_missing_values():
 
 def test_summary_and_curves_figures(tmp_path):
     assert_readable(plot_summary(summary_frame()), tmp_path / "summary.png")
-    pretrain = pd.DataFrame({"epoch": [0, 1, 2], "loss": [0.9, 0.5, 0.4], "auc": [0.6, 0.8, 0.9],
+    pretrain = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.5, 0.4], "auc": [0.6, 0.8, 0.9],
                              "val_loss": [0.8, 0.6, 0.5], "val_auc": [0.5, 0.7, 0.8]})  # fmt: skip
-    qat = pretrain.iloc[:2].assign(epoch=[0, 1])
+    # QAT's epoch 0 is the starting weights (scored, not trained); the kept epoch is starred.
+    qat = pretrain.assign(epoch=[0, 1, 2], selected=[False, True, False],
+                          val_int8_file_top1=[0.7, 0.8, 0.75])
     fig = plot_training_curves({"pretraining": pretrain, "QAT": qat})
-    assert [ax.get_title() for ax in fig.axes] == ["loss", "ROC-AUC"]  # loss first
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "ROC-AUC", "INT8 model: validation file top-1"]  # loss first
     xs = [list(np.asarray(line.get_xdata(), dtype=float)) for line in fig.axes[0].lines]
-    assert [1, 2, 3] in xs and [4, 5] in xs  # QAT's epochs continue after pretraining
+    assert [1, 2, 3] in xs and [3, 4, 5] in xs  # QAT's epochs continue after pretraining
+    int8 = [list(np.asarray(line.get_xdata(), dtype=float)) for line in fig.axes[2].lines]
+    assert [4] in int8  # the kept epoch
     assert_readable(fig, tmp_path / "curves.png")
     only_qat = plot_training_curves({"QAT": qat})  # a user checkpoint: no pretraining
     assert only_qat.get_suptitle() == "Training curves: QAT"

@@ -51,6 +51,32 @@ def test_int8_models_are_clean_and_agree(run):
         assert val["m_inputs_1"].shape[1:] == (129, 32, 1)
 
 
+REPRODUCED = [
+    "results/model_ptq_int8.tflite",
+    "results/model_qat_int8.tflite",
+    "results/model/pretrained.keras",
+    "results/model/qat.keras",
+    "results/model/qat_history.csv",
+    "results/convert/qat.json",
+]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_fresh_runs_give_identical_bytes(run, tmp_path):
+    """Same config, seeds, machine and compute.threads: the same .tflite and .keras bytes,
+    also with another --cores (TensorFlow's threads come from the config, not from it)."""
+    hashes = {name: _sha256(run / name) for name in REPRODUCED}  # before other tests rerun QAT
+    result = snakemake(tmp_path, *REPRODUCED, "--cores", "1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in REPRODUCED:
+        assert _sha256(tmp_path / name) == hashes[name], f"{name} differs between two runs"
+
+
 def test_qat_model_loads_without_custom_objects(run):
     import keras
 

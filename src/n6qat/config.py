@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
@@ -63,5 +64,54 @@ def _coerce(node: dict, schema: dict) -> None:
         types = [types] if isinstance(types, str) else types
         if isinstance(value, str) and {"number", "integer", "boolean", "null"} & set(types):
             parsed = yaml.safe_load(value) if value.strip() else value
+            if isinstance(parsed, str) and "number" in types:
+                try:  # YAML 1.1 reads "2e-5" (no dot) as a string
+                    parsed = float(parsed)
+                except ValueError:
+                    pass
             if not isinstance(parsed, (dict, list, str)):
                 node[key] = parsed
+
+
+TREE_EXPECTED = "expected a folder holding one sub-folder of audio files per class"
+
+
+def input_path_errors(config: dict, generated: Collection[str] = ()) -> list[str]:
+    """One line per input path of the (validated) config that is missing or of the wrong
+    kind, naming the key, the path and what was expected.
+
+    ``generated`` holds the keys whose paths a rule makes (the demo trees); they are not
+    checked. The checkpoint is also read far enough to tell that it is a Keras file
+    (`n6qat.keras_file`, no Keras import).
+    """
+    from n6qat.keras_file import keras_file_problem
+
+    data, model = config["data"], config["model"]
+    lines = []
+    for key in ("train", "test"):
+        path = data[key]
+        if f"data.{key}" in generated or (key == "test" and not path):
+            continue
+        if not Path(path).is_dir():
+            state = "is not a folder" if Path(path).exists() else "does not exist"
+            lines.append(f"data.{key}: {_shown(path)} {state} ({TREE_EXPECTED})")
+    if model["pretrained"]:
+        problem = keras_file_problem(model["pretrained"])
+        if problem == "does not exist":
+            problem += " (expected a .keras checkpoint; leave model.pretrained empty to train one)"
+        if problem:
+            lines.append(f"model.pretrained: {_shown(model['pretrained'])} {problem}")
+    if model["labels"] and not Path(model["labels"]).is_file():
+        state = "is not a file" if Path(model["labels"]).exists() else "does not exist"
+        lines.append(
+            f"model.labels: {_shown(model['labels'])} {state} (expected the checkpoint's "
+            "labels file, one class a line in output order; leave it empty to use "
+            "<checkpoint stem>_labels.txt)"
+        )
+    return lines
+
+
+def _shown(path: str) -> str:
+    """The path as given, and where it points when it is relative."""
+    absolute = Path(path).absolute()
+    return path if Path(path).is_absolute() else f"{path} ({absolute})"

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -210,31 +210,107 @@ def class_labels(files: pd.DataFrame) -> list[str]:
 
 
 def _class_summary(files: pd.DataFrame) -> str:
-    """One line per label with its file count, negatives marked, for error messages."""
+    """Each label with its file count, negatives marked, for error messages."""
     counts = files.groupby(["label", "negative"]).size()
-    lines = [
-        f"  {label}: {count} files{' (negative)' if negative else ''}"
+    return ", ".join(
+        f"{label}: {count} file{'s' if count != 1 else ''}{' (negative)' if negative else ''}"
         for (label, negative), count in counts.items()
-    ]
+    )
+
+
+def _rejections(rejected: pd.DataFrame, shown: int = 5) -> str:
+    """Indented `path: reason` lines of the first rejected files, for error messages."""
+    lines = [f"  {row.path}: {row.reason}" for row in rejected.head(shown).itertuples()]
+    if len(rejected) > shown:
+        lines.append(f"  ... and {len(rejected) - shown} more (all listed in the log)")
     return "\n".join(lines)
 
 
-def check_usable(files: pd.DataFrame, min_classes: int = 2) -> None:
-    """Raise N6QATError unless there are usable files in at least min_classes target classes."""
-    if files.empty:
+TREE_LAYOUT = "one sub-folder of audio files per class (<folder>/<class>/*.wav, .flac, .ogg, .mp3)"
+
+
+def check_trees(
+    files: pd.DataFrame,
+    rejected: pd.DataFrame,
+    roots: Mapping[str, str | Path],
+    min_classes: int = 2,
+) -> None:
+    """Raise N6QATError unless the indexed trees can train a classifier.
+
+    Each tree (`roots`: source -> folder, the config key is data.<source>) must hold usable
+    files, and no class may lose all its files to rejection; the training tree needs
+    `min_classes` target classes (negative folders do not count) and the test tree no class
+    the training tree lacks. The message names the key, the folder and what to do.
+    """
+    for source, root in roots.items():
+        _check_tree(files[files["source"] == source], rejected[rejected["source"] == source],
+                    f"data.{source}", Path(root))
+    train = files[files["source"] == "train"]
+    root = roots.get("train", "data.train")
+    if not train.empty and train["negative"].all():
         raise N6QATError(
-            "no usable audio files were found. Check data.train (and data.test) point at "
-            "folders with one sub-folder per class, and see the rejected-files table for why "
-            "files were skipped."
+            f"data.train: {root} holds only negative folders ({_class_summary(train)}); "
+            "folders named in data.negatives hold background clips, not classes. Add one "
+            "sub-folder of audio files per class to detect beside them."
         )
-    labels = class_labels(files)
+    labels = class_labels(train)
     if len(labels) < min_classes:
         raise N6QATError(
-            f"found {len(labels)} usable target class(es), need at least {min_classes} "
-            "(negative folders such as 'noise' do not count). Found:\n"
-            f"{_class_summary(files)}\n"
-            "Add a sub-folder of audio files per class under data.train."
+            f"data.train: {root} holds {len(labels)} class{'es' if len(labels) != 1 else ''} "
+            f"({_class_summary(train)}), at least {min_classes} are needed. Add a sub-folder "
+            "of audio files for each class to detect."
         )
+    unknown = sorted(set(class_labels(files[files["source"] == "test"])) - set(labels))
+    if unknown:
+        raise N6QATError(
+            f"data.test: the classes {unknown} of {roots.get('test')} have no usable files in "
+            f"data.train ({root}), so the model cannot learn them. Add them to data.train or "
+            "remove them from data.test."
+        )
+
+
+def _check_tree(files: pd.DataFrame, rejected: pd.DataFrame, key: str, root: Path) -> None:
+    """One tree: not empty, not every file rejected, no class whose files were all rejected."""
+    if files.empty and rejected.empty:
+        other = ', or set data.test: "" to cut a test split from data.train'
+        raise N6QATError(
+            f"{key}: {root} holds no files. Put {TREE_LAYOUT} in it"
+            f"{other if key == 'data.test' else ''}."
+        )
+    if files.empty:
+        raise N6QATError(
+            f"{key}: none of the {len(rejected)} files under {root} is usable audio:\n"
+            f"{_rejections(rejected)}\nPut {TREE_LAYOUT} in it."
+        )
+    lost = sorted(set(rejected.loc[rejected["label"] != "", "label"]) - set(files["label"]))
+    if lost:
+        bad = rejected[rejected["label"].isin(lost)]
+        folders = ", ".join(str(root / label) for label in lost)
+        raise N6QATError(
+            f"{key}: every file of the class{'es' if len(lost) > 1 else ''} "
+            f"{', '.join(repr(label) for label in lost)} in {root} was rejected:\n"
+            f"{_rejections(bad)}\nReplace these files with readable audio, or remove {folders}."
+        )
+
+
+def check_val_split(split: pd.DataFrame, train_root: str | Path) -> None:
+    """Raise N6QATError when a target class of the training tree has no validation file."""
+    train = split[(split["source"] != "test") & ~split["negative"]]
+    with_val = set(train.loc[train["split"] == "val", "label"])
+    empty = sorted(set(train["label"]) - with_val)
+    if not empty:
+        return
+    counts = train.groupby("label").size()
+    listed = ", ".join(
+        f"{label!r} ({counts[label]} file{'s' if counts[label] != 1 else ''} in "
+        f"{Path(train_root) / label})"
+        for label in empty
+    )
+    raise N6QATError(
+        f"data.train: the validation split gets no file of {listed}. Each class needs one "
+        "file to train on and one to validate on: add audio files to the folder (a larger "
+        "split.val_fraction does not help a class of one file), or remove it."
+    )
 
 
 # ---------------------------------------------------------------- splitting

@@ -33,7 +33,7 @@ class GateSettings:
     min_simulation_cosine: float = 0.99
     max_loss_vs_fp32: float = 3.0
     max_loss_vs_ptq: float = 1.0
-    metrics: tuple[str, ...] = ("file_top1", "file_cmap")
+    metrics: tuple[str, ...] = ("file_top1",)
 
     @classmethod
     def from_config(cls, convert: dict) -> GateSettings:
@@ -120,9 +120,12 @@ def _loss_check(name, metric, against, loss, limit, reference, value, files, key
                 "weights (convert.per_channel: true, qat.per_channel: true), a larger "
                 "calibration set (convert.calibration_size); with few validation files one "
                 "file is several points: raise the limit if the validation split is small",
-        "ptq": "QAT keeps the epoch whose INT8 simulation is best on validation, epoch 0 "
-               "(the PTQ weights) included, so this should not happen: check that "
-               "qat.selection is not 'last' and that the QAT and convert settings agree",
+        "ptq": "QAT keeps the best epoch that loses nothing to epoch 0 (the PTQ weights) "
+               "on validation; scored with the converted TFLite (qat.select_with: tflite) "
+               "this cannot happen unless qat.selection is 'last' or the QAT rule saw "
+               "other calibration or validation data than this conversion; scored with "
+               "the simulation, the two can differ by a validation file or two: use "
+               "qat.select_with: tflite",
     }[against]
     scale = 100.0
     return {

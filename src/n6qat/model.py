@@ -11,6 +11,7 @@ import numpy as np
 from n6qat.atomic import atomic_path, write_text
 from n6qat.errors import N6QATError
 from n6qat.features import FeatureSettings, mel_basis
+from n6qat.keras_file import keras_file_problem
 
 # Piecewise-linear magnitude compression (a log-like curve) as ReLU branches: knots and slopes.
 PWL_KNOTS = (0.0, 0.01, 0.05, 0.2)
@@ -112,24 +113,28 @@ def load_model(path: Path, safe_mode: bool = True):
     """Load a ``.keras`` checkpoint, with Keras' safe mode on unless the user opted out.
 
     Safe mode refuses Lambda layers that would run code stored in the file. BirdNET-STM32
-    frontend layers are built in the weight layout the file has (`n6qat.birdnet`).
+    frontend layers are built in the weight layout the file has (`n6qat.birdnet`). A file
+    that is no Keras checkpoint is named with what it is instead (`n6qat.keras_file`).
     """
     import keras
 
     from n6qat.birdnet import checkpoint_layout  # also registers BirdNET-STM32's layers
 
     path = Path(path)
-    if not path.is_file():
-        raise N6QATError(f"model.pretrained: no such file {path}")
+    problem = keras_file_problem(path)
+    if problem:
+        raise N6QATError(f"the model {path} {problem}.")
     try:
         with checkpoint_layout(path):
             return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # Keras raises many types; the user needs the message
-        hint = ""
-        if "safe_mode" in str(exc) or "Lambda" in str(exc):
-            hint = (" The checkpoint holds code (a Lambda layer); set model.safe_mode: false"
-                    " only if you trust its source.")
-        raise N6QATError(f"could not load the model {path}: {exc}.{hint}") from exc
+        if safe_mode and "Lambda" in str(exc):
+            raise N6QATError(
+                f"the model {path} holds a Lambda layer, whose Python code Keras' safe mode "
+                "refuses to run. Replace the Lambda layer with built-in layers and save the "
+                "model again, or set model.safe_mode: false if you trust the file's source."
+            ) from exc
+        raise N6QATError(f"could not load the model {path}: {exc}") from exc
 
 
 def check_input_shape(model, settings: FeatureSettings, source: str) -> None:
@@ -206,9 +211,26 @@ def save_model(model, path: Path) -> None:
                     metadata = json.loads(data)
                     metadata["date_saved"] = SAVED_DATE
                     data = json.dumps(metadata).encode()
+                elif name == "config.json":
+                    data = json.dumps(_renumbered_shared_objects(json.loads(data))).encode()
                 info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 fixed.writestr(info, data)
+
+
+def _renumbered_shared_objects(config, ids: dict | None = None):
+    """The config with Keras's ``shared_object_id`` values (Python object ids, new in every
+    process) replaced by 1, 2, ... in order of appearance; sharing is kept."""
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {
+            key: ids.setdefault(value, len(ids) + 1) if key == "shared_object_id"
+            else _renumbered_shared_objects(value, ids)
+            for key, value in config.items()
+        }
+    if isinstance(config, list):
+        return [_renumbered_shared_objects(value, ids) for value in config]
+    return config
 
 
 def read_labels(path: Path) -> list[str]:
@@ -219,15 +241,18 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
-def checkpoint_labels(checkpoint: Path, labels_file: str = "") -> list[str] | None:
-    """The checkpoint's class names: the given file, else ``<stem>_labels.txt`` beside it."""
+def checkpoint_labels_file(checkpoint: Path, labels_file: str = "") -> Path | None:
+    """The checkpoint's labels file: the given one, else ``<stem>_labels.txt`` beside it."""
     checkpoint = Path(checkpoint)
-    candidate = Path(labels_file) if labels_file else checkpoint.with_name(
-        checkpoint.stem + "_labels.txt"
-    )
-    if labels_file and not candidate.is_file():
-        raise N6QATError(f"model.labels: no such file {candidate}")
-    return read_labels(candidate) if candidate.is_file() else None
+    if labels_file:
+        if not Path(labels_file).is_file():
+            raise N6QATError(
+                f"model.labels: no such file {labels_file}; name the checkpoint's labels file "
+                "(one class a line, in output order) or leave model.labels empty"
+            )
+        return Path(labels_file)
+    candidate = checkpoint.with_name(checkpoint.stem + "_labels.txt")
+    return candidate if candidate.is_file() else None
 
 
 def prepare_pretrained(
@@ -249,17 +274,29 @@ def prepare_pretrained(
     Returns ``(model, info, head_replaced)``; with ``replace`` a class mismatch swaps
     the head instead of stopping (the caller then trains the new head).
     """
+    checkpoint = Path(checkpoint)
     model = load_model(checkpoint, safe_mode=safe_mode)
     check_input_shape(model, settings, f"the model {checkpoint}")
     model = plain_frontend(model, settings, f"the model {checkpoint}", train_frontend)
-    labels = checkpoint_labels(checkpoint, labels_file)
-    if labels is None and output_units(model) == len(data_labels):
+    units = output_units(model)
+    found = checkpoint_labels_file(checkpoint, labels_file)
+    labels = read_labels(found) if found else None
+    if labels is None and units == len(data_labels):
         labels = list(data_labels)  # no labels file: the dataset's order is assumed
-    labels = labels or [f"<output {i}>" for i in range(output_units(model))]
-    if len(labels) != output_units(model):
+    if labels is None and not replace:
         raise N6QATError(
-            f"{checkpoint}: the labels file lists {len(labels)} classes but the model has "
-            f"{output_units(model)} outputs"
+            f"the model {checkpoint} has {units} outputs but data.train has "
+            f"{len(data_labels)} classes ({', '.join(data_labels)}), and no labels file "
+            "names the model's classes. Set model.replace_head: true to train a new head "
+            f"for the dataset's classes, or give the model's labels ({checkpoint.stem}"
+            "_labels.txt beside it, or model.labels)."
+        )
+    labels = labels or [f"<output {i}>" for i in range(units)]
+    if len(labels) != units:
+        raise N6QATError(
+            f"the labels file {found} lists {len(labels)} classes but the model {checkpoint} "
+            f"has {units} outputs: it must list the model's classes one a line, in output "
+            "order (model.labels names the file)."
         )
     replaced = False
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from n6qat.atomic import write_text
 from n6qat.errors import N6QATError
 from n6qat.tflite_inspect import ModelInfo, OperatorInfo, int8_problems, read_tflite
 
@@ -715,10 +716,10 @@ def write_host_check(
     """Write the JSON (and, when given, the text) report, creating their folders."""
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(check.to_dict(), indent=2) + "\n")
+    write_text(json_path, json.dumps(check.to_dict(), indent=2) + "\n")
     if txt_path is not None:
         Path(txt_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(txt_path).write_text(format_host_check(check))
+        write_text(txt_path, format_host_check(check))
 
 
 def check_and_report(

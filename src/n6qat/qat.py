@@ -90,6 +90,7 @@ class QATSettings:
     seed: int = 0
     selection: str = "int8_file_top1"
     select_with: str = "tflite"
+    distillation: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen_layers", tuple(self.frozen_layers))
@@ -106,6 +107,8 @@ class QATSettings:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.clipnorm is not None and not self.clipnorm > 0:
             problems.append(f"clipnorm must be > 0 or null, got {self.clipnorm}")
+        if not self.distillation >= 0:
+            problems.append(f"distillation must be >= 0, got {self.distillation}")
         if self.select_with not in SELECT_WITH:
             problems.append(f"select_with must be one of {SELECT_WITH}, got {self.select_with!r}")
         if self.selection not in SELECTIONS:
@@ -675,6 +678,24 @@ def _selection(settings: QATSettings, scored: bool, validated: bool):
     return Selection(first, "max", tie_break=second, guard=(first, second))
 
 
+def distilled(batches, teacher: keras.Model, weight: float):
+    """The batches with targets (labels + weight * teacher scores) / (1 + weight).
+
+    Binary cross-entropy is linear in its target, so training on these targets is
+    training on (task loss + weight * BCE against the frozen FP32 teacher) / (1 + weight);
+    against the teacher's sigmoid outputs, BCE is their KL divergence plus a constant. The
+    teacher is the model before QAT: it pulls the quantized model back to the FP32
+    function instead of fitting the labels further.
+    """
+    import copy
+
+    scores = teacher.predict(batches.x, batch_size=256, verbose=0).astype(np.float32)
+    labels = batches.y.numpy()
+    mixed = copy.copy(batches)
+    mixed.y = tf.constant((labels + weight * scores) / (1.0 + weight))
+    return mixed
+
+
 def run_qat(
     model: keras.Model,
     train_ds,
@@ -710,6 +731,8 @@ def run_qat(
     keras.utils.set_random_seed(settings.seed)
     if not isinstance(train_ds, EpochBatches):
         train_ds = _batched(train_ds, model, settings.batch_size, "train_ds")
+    elif settings.distillation > 0:
+        train_ds = distilled(train_ds, model, settings.distillation)
     val = None if val_ds is None else _batched(val_ds, model, settings.batch_size, "val_ds")
     trainable = {id(layer): (layer, layer.trainable) for layer in _all_layers(model)}
     try:

@@ -49,7 +49,8 @@ DELTAS = [
 DELTA_MARK = "Δ "
 CURVE_LABELS = {
     "loss": "loss", "acc": "accuracy", "auc": "ROC-AUC",
-    "int8_file_top1": "INT8 simulation: file top-1", "int8_file_cmap": "INT8 simulation: file cmAP",
+    "int8_file_top1": "INT8 model: validation file top-1",
+    "int8_file_cmap": "INT8 model: validation file cmAP",
 }
 KIB = 1024
 MEMORY_POOLS = {

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from n6qat.atomic import write_text
 from n6qat.errors import N6QATError
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def run_step(
     command = step_command(step, executable, model, settings, folder, validation_npz)
     log.info("running: %s", shlex.join(command))
     run = run_stedgeai(command, cwd=folder, timeout_s=timeout_s)
-    (folder / CONSOLE_FILE).write_text(run.output)
+    write_text(folder / CONSOLE_FILE, run.output)
     log.info("stedgeai %s output:\n%s", step, run.output)
     record = {
         "available": True,
@@ -342,7 +343,7 @@ def validation_arrays(npz_path: Path | None, folder: Path) -> tuple[Path, Path]:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # --- report parsing --------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def preempt_qat(workdir: Path, epochs: int, cpus: int, watch_pid: int, timeout: 
             f"--cpus-per-task={cpus}",
             "--mem=100",
             "--time=2",
+            f"--output={workdir / 'logs/slurm-preemptor-%j.out'}",  # not the current folder
             "--wrap=sleep 2",
         ],
         capture_output=True,

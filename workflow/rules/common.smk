@@ -9,7 +9,7 @@ from snakemake.utils import validate
 # Scripts import the n6qat package from this checkout, also inside --sdm conda envs.
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
-from n6qat.config import coerce_config, config_errors
+from n6qat.config import coerce_config, config_errors, input_path_errors
 from n6qat.sidecar import read_sidecar, sidecar_path
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
@@ -42,6 +42,14 @@ SPLITS = ["train", "val", "test"]
 def uses_demo(key):
     """True when data.<key> points into the generated demo dataset."""
     return Path(config["data"][key]).as_posix().startswith(f"{DEMO_ROOT}/")
+
+
+# Input paths checked before any job: the demo trees are made by the make_demo rule.
+_missing = input_path_errors(
+    config, {f"data.{key}" for key in ("train", "test") if uses_demo(key)}
+)
+if _missing:
+    raise WorkflowError("invalid configuration:\n  " + "\n  ".join(_missing))
 
 
 def data_trees(wildcards=None):

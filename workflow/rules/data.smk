@@ -65,6 +65,7 @@ rule split_dataset:
         test_fraction=config["split"]["test_fraction"],
         ratio=config["split"]["upsample_ratio"],
         seed=config["split"]["seed"],
+        roots=data_trees(),
     script:
         "../scripts/split_dataset.py"
 

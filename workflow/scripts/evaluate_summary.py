@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from n6qat.atomic import write_csv
 from n6qat.dataset import read_table
 from n6qat.evaluate import evaluate_scores
 from n6qat.model import read_labels
@@ -20,7 +21,7 @@ with rule_logging(snakemake.log[0]) as log:
     for key in ("host_latency_ms_median", "host_latency_ms_p95"):
         summary[key] = [float(d[key]) if key in d else np.nan for d in loaded.values()]
     log.info("summary:\n%s", summary.to_string(index=False))
-    summary.to_csv(snakemake.output.summary, index=False)
-    per_class.to_csv(snakemake.output.per_class, index=False)
+    write_csv(snakemake.output.summary, summary)
+    write_csv(snakemake.output.per_class, per_class)
     for name, path in zip(names, snakemake.output.confusion, strict=True):
-        confusions[name].to_csv(path)
+        write_csv(path, confusions[name], index=True)

@@ -4,16 +4,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from n6qat.dataset import check_usable, class_labels, index_tree
+from n6qat.atomic import write_csv, write_text
+from n6qat.dataset import check_trees, class_labels, index_tree
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
+    roots = {s: Path(snakemake.input[s]) for s in ("train", "test") if s in snakemake.input.keys()}
     found, rejected = [], []
-    for source in ("train", "test"):
-        if source not in snakemake.input.keys():
-            continue
+    for source, root in roots.items():
         files, bad = index_tree(
-            Path(snakemake.input[source]),
+            root,
             source,
             negatives=snakemake.params.negatives,
             min_duration=snakemake.params.min_duration,
@@ -26,9 +26,9 @@ with rule_logging(snakemake.log[0]) as log:
     rejected = pd.concat(rejected, ignore_index=True)
     for row in rejected.itertuples():
         log.warning("rejected %s/%s: %s", row.source, row.path, row.reason)
-    check_usable(files)
+    check_trees(files, rejected, roots)
     labels = class_labels(files)
     log.info("%d classes: %s", len(labels), ", ".join(labels))
-    files.to_csv(snakemake.output.files, index=False)
-    rejected.to_csv(snakemake.output.rejected, index=False)
-    Path(snakemake.output.labels).write_text("".join(f"{name}\n" for name in labels))
+    write_csv(snakemake.output.files, files)
+    write_csv(snakemake.output.rejected, rejected)
+    write_text(snakemake.output.labels, "".join(f"{name}\n" for name in labels))

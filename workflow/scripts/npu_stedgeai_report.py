@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from n6qat.atomic import write_text
 from n6qat.rulelog import rule_logging
 from n6qat.stedgeai import collect_report
 
@@ -13,7 +14,7 @@ with rule_logging(snakemake.log[0]) as log:
     model = snakemake.wildcards.model
     folders = {Path(folder).name: Path(folder) for folder in snakemake.input}  # by step
     report = collect_report(model, folders)
-    Path(snakemake.output[0]).write_text(json.dumps(report, indent=2) + "\n")
+    write_text(snakemake.output[0], json.dumps(report, indent=2) + "\n")
     if not report["available"]:
         note = f"{model}: {report['message']} (looked in {'; '.join(report['looked_in'])})"
         log.warning("%s", note)

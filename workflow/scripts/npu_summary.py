@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from n6qat.atomic import write_text
 from n6qat.rulelog import rule_logging
 from n6qat.stedgeai import summarize_npu
 
@@ -18,4 +19,4 @@ with rule_logging(snakemake.log[0]):
     summary = summarize_npu(
         read_by_model(snakemake.input.host), read_by_model(snakemake.input.stedgeai)
     )
-    Path(snakemake.output[0]).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(snakemake.output[0], json.dumps(summary, indent=2) + "\n")

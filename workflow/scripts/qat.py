@@ -30,6 +30,7 @@ with rule_logging(snakemake.log[0]) as log:
         seed=cfg["seed"],
         selection=cfg["selection"],
         select_with=cfg["select_with"],
+        distillation=cfg["distillation"],
     )
     labels = read_labels(snakemake.input.labels)
     model = load_model(snakemake.input.model)

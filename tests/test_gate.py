@@ -1,0 +1,84 @@
+"""The INT8 gate: fidelity to the simulation, and losses in points against FP32 and PTQ."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from n6qat.gate import GateSettings, failures, gate_checks, gate_table, quality
+
+LABELS = ["a", "b"]
+
+
+def _chunks(n_files: int = 10) -> pd.DataFrame:
+    """Two chunks per file; files alternate between class a and class b."""
+    files = np.repeat(np.arange(n_files), 2)
+    return pd.DataFrame({
+        "source": "val", "path": [f"f{i}.wav" for i in files],
+        "label_index": files % 2, "row": np.arange(2 * n_files),
+    })
+
+
+def _scores(correct_files: int, n_files: int = 10) -> np.ndarray:
+    """Scores whose top-1 is right for the first ``correct_files`` files."""
+    labels = np.repeat(np.arange(n_files) % 2, 2)
+    right = np.repeat(np.arange(n_files) < correct_files, 2)
+    top = np.where(right, labels, 1 - labels)
+    scores = np.full((2 * n_files, 2), 0.1, np.float32)
+    scores[np.arange(2 * n_files), top] = 0.9
+    return scores
+
+
+def test_quality_is_in_points_against_fp32():
+    measured = quality(_scores(8), _scores(10), _chunks(), LABELS)
+    assert measured["fp32"]["file_top1"] == 1.0 and measured["int8"]["file_top1"] == 0.8
+    assert measured["loss_vs_fp32_points"]["file_top1"] == pytest.approx(20.0)
+    assert measured["file_top1_agreement"] == pytest.approx(0.8)
+    assert measured["int8"]["files"] == 10
+
+
+def test_the_gate_fails_on_each_limit_with_what_was_measured():
+    settings = GateSettings(min_simulation_cosine=0.99, max_loss_vs_fp32=3.0,
+                            max_loss_vs_ptq=1.0, metrics=("file_top1",))
+    fp32 = _scores(10)
+    ptq = quality(_scores(10), fp32, _chunks(), LABELS)
+    qat = quality(_scores(9), fp32, _chunks(), LABELS)
+    fidelity = {"cosine": 0.98, "top1_agreement": 0.9, "samples": 20}
+    checks = gate_checks("qat", fidelity, qat, settings, ptq=ptq)
+    assert [c["check"] for c in checks] == [
+        "simulation_fidelity", "file_top1_loss_vs_fp32", "file_top1_loss_vs_ptq",
+    ]
+    assert not any(c["passed"] for c in checks)
+    messages = failures(checks)
+    assert "cosine 0.9800 on 20 validation chunks" in messages[0] and "bug" in messages[0]
+    assert "loses 10.0 points of file-level top-1 to the FP32 reference" in messages[1]
+    assert "(100.0 -> 90.0, 10 files), more than convert.max_loss_vs_fp32=3" in messages[1]
+    assert "to the PTQ-INT8 baseline" in messages[2] and "max_loss_vs_ptq=1" in messages[2]
+
+
+def test_the_gate_passes_within_its_limits_and_a_gain_is_a_negative_loss():
+    settings = GateSettings(metrics=("file_top1", "file_cmap"))
+    fp32 = _scores(10)
+    ptq = quality(_scores(8), fp32, _chunks(), LABELS)
+    qat = quality(_scores(10), fp32, _chunks(), LABELS)
+    checks = gate_checks("qat", {"cosine": 0.999, "top1_agreement": 1.0, "samples": 20},
+                         qat, settings, ptq=ptq)
+    assert all(c["passed"] for c in checks) and failures(checks) == []
+    vs_ptq = next(c for c in checks if c["check"] == "file_top1_loss_vs_ptq")
+    assert vs_ptq["measured"] == pytest.approx(-20.0)
+
+
+def test_gate_table_has_one_column_per_model():
+    fp32 = _scores(10)
+    reports = {}
+    for name, correct in (("ptq", 8), ("qat", 9)):
+        measured = quality(_scores(correct), fp32, _chunks(), LABELS)
+        checks = gate_checks(name, {"cosine": 0.995, "top1_agreement": 1.0, "samples": 20},
+                             measured, GateSettings())
+        reports[name] = {
+            "quality": measured, "simulation_fidelity": {"cosine": 0.995},
+            "agreement": {"cosine": 0.97},
+            "gate": {"gated": name == "qat", "passed": not failures(checks), "checks": checks},
+        }
+    table = gate_table(reports)
+    assert list(table.columns) == ["ptq", "qat"]
+    assert table.loc["file-level top-1: loss vs FP32 (points)", "qat"] == pytest.approx(10.0)
