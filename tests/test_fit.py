@@ -145,3 +145,13 @@ def test_a_backup_from_another_model_is_refused(tmp_path):
     with pytest.raises(N6QATError, match="does not match"):
         fit.fit_epochs(other, other, _batches(), None, 5, tmp_path / "ck",
                        fit.Selection("loss"), seed=5)
+
+
+def test_early_stopping_waits_for_min_epochs(tmp_path):
+    model = _model()
+    result = fit.fit_epochs(
+        model, model, _batches(), None, 6, tmp_path / "ck",
+        fit.Selection("val_score", "max", patience=1, min_epochs=4), seed=5,
+        score=_scripted_score([0.9, 0.1, 0.2, 0.3, 0.4, 0.5]),
+    )
+    assert [e["epoch"] for e in result.history] == [1, 2, 3, 4] and result.best_epoch == 1

@@ -41,7 +41,7 @@ class Selection:
 
     ``guard``: metrics (larger is better) that an epoch must not lose against epoch 0,
     the starting weights, to be kept at all. ``patience``: stop after this many epochs
-    without a new best (None: never stop early).
+    without a new best (None: never stop early), but never before ``min_epochs``.
     """
 
     monitor: str = "val_loss"
@@ -49,6 +49,7 @@ class Selection:
     tie_break: str | None = None
     guard: tuple[str, ...] = ()
     patience: int | None = None
+    min_epochs: int = 0
 
     def admits(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
         """Whether the guard lets ``logs``'s epoch be kept (always, without epoch 0)."""
@@ -240,7 +241,8 @@ def _entry(history: list[dict[str, float]], epoch: int) -> dict[str, float]:
 def _patience_exhausted(history, best_epoch, selection: Selection) -> bool:
     if selection.patience is None or best_epoch is None or not history:
         return False
-    return history[-1]["epoch"] - best_epoch >= selection.patience
+    last = history[-1]["epoch"]
+    return last >= selection.min_epochs and last - best_epoch >= selection.patience
 
 
 def _brief(logs: dict[str, float]) -> str:

@@ -121,8 +121,12 @@ def pretrain(
     checkpoint_dir: Path,
     seed: int = 0,
     trainable_head_only: bool = False,
+    min_epochs: int = 0,
 ):
     """Train ``model`` in place, keeping the epoch with the lowest validation loss.
+
+    Early stopping (``patience`` epochs without a better validation loss) never stops
+    before ``min_epochs``.
 
     Returns the ``n6qat.fit.FitResult``; a rerun with the same ``checkpoint_dir``
     resumes after the last finished epoch, with the same result as an uninterrupted run.
@@ -139,7 +143,7 @@ def pretrain(
              len(train_batches), int(train_batches.x.shape[0]), len(val[1]))
     result = fit_epochs(
         model, model, train_batches, val_ds, epochs, checkpoint_dir,
-        Selection("val_loss", "min", patience=patience), seed,
+        Selection("val_loss", "min", patience=patience, min_epochs=min_epochs), seed,
     )
     for layer in model.layers:
         layer.trainable = True

@@ -36,6 +36,7 @@ with rule_logging(snakemake.log[0]) as log:
             batch_size=cfg["batch_size"],
             learning_rate=cfg["learning_rate"],
             patience=cfg["patience"],
+            min_epochs=cfg["min_epochs"],
             checkpoint_dir=backup,
             seed=cfg["seed"],
             trainable_head_only=True,

@@ -38,6 +38,7 @@ with rule_logging(snakemake.log[0]) as log:
         batch_size=cfg["batch_size"],
         learning_rate=cfg["learning_rate"],
         patience=cfg["patience"],
+        min_epochs=cfg["min_epochs"],
         checkpoint_dir=backup,
         seed=cfg["seed"],
     )
