@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no finished run among the folders", file=sys.stderr)
         return 1
-    table = pd.DataFrame(rows).set_index("run")
+    table = pd.DataFrame(rows).set_index("run").astype(float)
     table.loc["mean"] = table.mean(numeric_only=True)
     print(table.round(3).T.to_markdown() if hasattr(table, "to_markdown") else table.T)
     return 0
