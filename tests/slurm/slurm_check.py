@@ -44,7 +44,7 @@ EXACT_OUTPUTS = (
 )
 SAME_WEIGHTS = ("results/model/fp32_trained.keras", "results/model/pretrained.keras")
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
-EPOCH = re.compile(r"^Epoch (\d+)/(\d+)", re.MULTILINE)
+EPOCH = re.compile(r"n6qat\.fit: epoch (\d+) of (\d+) ")  # one line per finished epoch
 
 
 class CheckFailed(Exception):
@@ -95,11 +95,11 @@ def wait_for(what: str, condition, timeout: float, step: float = 0.2):
 
 
 def finished_epochs(backup: Path) -> int:
-    """Epochs QAT has backed up so far (its per-epoch history under results/model/.backup)."""
-    for history in backup.glob("*/history.json"):
+    """Epochs QAT has backed up so far (its state file under results/model/.backup)."""
+    for state in backup.glob("*/state.json"):
         try:
-            return len(json.loads(history.read_text()))
-        except (OSError, ValueError):
+            return int(json.loads(state.read_text())["epochs_done"])
+        except (OSError, ValueError, KeyError):
             return 0
     return 0
 
@@ -267,9 +267,9 @@ def check_resumed(records: dict[str, dict[str, str]], slurm_dir: Path, epochs: i
         raise CheckFailed("logs/qat.log shows no QAT start followed by an epoch")
     if int(first.group(1)) == 1:
         raise CheckFailed("QAT started again from epoch 1 after the requeue")
-    rows = len((slurm_dir / "results/model/qat_history.csv").read_text().splitlines()) - 1
-    if rows != epochs:
-        raise CheckFailed(f"qat_history.csv has {rows} epochs, expected {epochs}")
+    rows = len((slurm_dir / "results/model/qat_history.csv").read_text().splitlines()) - 2
+    if rows != epochs:  # the header and epoch 0 (the starting weights, scored) aside
+        raise CheckFailed(f"qat_history.csv has {rows} trained epochs, expected {epochs}")
     return (
         f"QAT job {qat}: restarted {restarts}x by SLURM, resumed at epoch "
         f"{first.group(1)}/{first.group(2)}, history complete ({rows} epochs)"
