@@ -136,6 +136,16 @@ class EpochBatches:
     def __len__(self) -> int:
         return len(self.index)
 
+    def with_targets(self, targets: np.ndarray) -> EpochBatches:
+        """The same rows in the same orders, with other targets for the distinct rows."""
+        import copy
+
+        import tensorflow as tf
+
+        changed = copy.copy(self)
+        changed.y = tf.constant(np.asarray(targets, dtype=np.float32))
+        return changed
+
     def order(self, epoch: int) -> np.ndarray:
         """Positions into the distinct rows, in this epoch's order."""
         if not self.shuffle:

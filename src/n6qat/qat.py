@@ -627,11 +627,13 @@ def simulated_int8(model: keras.Model, calibration: np.ndarray, per_channel: boo
     the model's variables, so call ``recalibrate`` on it after the weights change.
     """
     twin = build_qat_model(model, per_channel, simulate_activations=True)
-    twin.calibration_batches = [
-        calibration[i : i + batch_size] for i in range(0, len(calibration), batch_size)
-    ]
+    twin.calibration_batches = _in_batches(calibration, batch_size)
     calibrate_activation_ranges(twin, twin.calibration_batches)
     return twin
+
+
+def _in_batches(array: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [array[i : i + batch_size] for i in range(0, len(array), batch_size)]
 
 
 def recalibrate(twin: keras.Model) -> None:
@@ -687,13 +689,8 @@ def distilled(batches, teacher: keras.Model, weight: float):
     teacher is the model before QAT: it pulls the quantized model back to the FP32
     function instead of fitting the labels further.
     """
-    import copy
-
     scores = teacher.predict(batches.x, batch_size=256, verbose=0).astype(np.float32)
-    labels = batches.y.numpy()
-    mixed = copy.copy(batches)
-    mixed.y = tf.constant((labels + weight * scores) / (1.0 + weight))
-    return mixed
+    return batches.with_targets((batches.y.numpy() + weight * scores) / (1.0 + weight))
 
 
 def run_qat(
@@ -744,8 +741,7 @@ def run_qat(
             for quantizer in _twin_layers(twin):
                 if isinstance(quantizer, _ActivationRange):
                     quantizer.tracking = False
-            starts = range(0, len(calibration), settings.batch_size)
-            batches = [calibration[i : i + settings.batch_size] for i in starts]
+            batches = _in_batches(calibration, settings.batch_size)
             calibrate_activation_ranges(twin, batches)
 
             def epoch_begin(epoch: int) -> None:

@@ -231,7 +231,7 @@ def plot_training_curves(histories: Mapping[str, pd.DataFrame]):
                     kept = history["selected"].to_numpy(bool)
                     ax.plot(epochs[kept], history[f"val_{metric}"][kept], "*", ms=11,
                             color=f"C{n}", label=f"{stage} kept epoch")
-        offset += int(epochs.max()) - offset if len(epochs) else 0
+        offset = int(epochs.max()) if len(epochs) else offset
     for ax, metric in zip(axes, metrics, strict=True):
         ax.set_title(CURVE_LABELS.get(metric, metric))
         ax.set_xlabel("epoch (stages in sequence)")
