@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from n6qat.names import LONG_NAMES
 from n6qat.train import multi_hot
 
 POOLINGS = ("mean", "max", "lme")
@@ -146,14 +147,6 @@ def confusion(
     return pd.DataFrame(counts, index=pd.Index(names, name="true"), columns=names)
 
 
-MODEL_NAMES = {
-    "fp32": "pretrained FP32 (Keras)",
-    "qat_fp32": "QAT FP32 (Keras)",
-    "ptq_int8": "PTQ INT8 (TFLite)",
-    "qat_int8": "QAT INT8 (TFLite)",
-}
-
-
 def predict(model_path: str, x: np.ndarray) -> np.ndarray:
     """Chunk scores of a ``.keras`` model (Keras) or a ``.tflite`` model (LiteRT)."""
     if str(model_path).endswith(".tflite"):
@@ -200,7 +193,7 @@ def evaluate_scores(
     chunk_labels = chunks["label_index"].to_numpy()
     for name, chunk_scores in scores.items():
         file_scores, file_labels, _ = pool_files(chunk_scores, chunks, pooling)
-        row = {"model": name, "description": MODEL_NAMES.get(name, name)}
+        row = {"model": name, "description": LONG_NAMES.get(name, name)}
         row.update({f"file_{k}": v for k, v in
                     summary_metrics(file_scores, file_labels, labels, threshold).items()})
         row.update({f"chunk_{k}": v for k, v in

@@ -20,13 +20,8 @@ import pandas as pd
 from n6qat.atomic import atomic_path
 from n6qat.metrics import cosine_similarity, sqnr_db
 from n6qat.n6 import CPURAM2_BYTES, METRIC_NAMES, NPU_BANK_BYTES, NPU_BANKS
+from n6qat.names import short_name
 
-MODEL_LABELS = {
-    "fp32": "FP32",
-    "qat_fp32": "QAT-FP32",
-    "ptq_int8": "PTQ-INT8",
-    "qat_int8": "QAT-INT8",
-}
 SUMMARY_METRICS = {
     "file_top1_accuracy": "file top-1",
     "file_cmap": "file cmAP",
@@ -76,7 +71,7 @@ pre { background: #f7f7f7; padding: 0.8em; }
 
 def label(model: str) -> str:
     """Short display name of an evaluation model ("qat_int8" -> "QAT-INT8")."""
-    return MODEL_LABELS.get(model, model)
+    return short_name(model)
 
 
 # --- output --------------------------------------------------------------------------------

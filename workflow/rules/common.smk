@@ -10,6 +10,7 @@ from snakemake.utils import validate
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
 from n6qat.config import coerce_config, config_errors, input_path_errors
+from n6qat.names import EVAL_MODELS, INT8_MODELS, short_name
 from n6qat.sidecar import read_sidecar, sidecar_path
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"
@@ -35,8 +36,13 @@ if config["qat"]["per_channel"] != config["convert"]["per_channel"]:
 # --cores, so that the same config and seed give the same bytes (config/README.md).
 TF_THREADS = config["compute"]["threads"]
 DEMO_ROOT = "resources/demo"
-INT8_MODELS = ["ptq", "qat"]
 SPLITS = ["train", "val", "test"]
+
+
+# {model} is always one of the INT8 models (n6qat.names), {name} one of the evaluated.
+wildcard_constraints:
+    model="|".join(INT8_MODELS),
+    name="|".join(EVAL_MODELS),
 
 
 def uses_demo(key):
@@ -117,9 +123,6 @@ def convert_inputs(wildcards):
     if wildcards.model == "qat":
         inputs["ptq_report"] = "results/convert/ptq.json"
     return inputs
-
-
-EVAL_MODELS = ["fp32", "qat_fp32", "ptq_int8", "qat_int8"]
 
 
 def model_file_for(wildcards):

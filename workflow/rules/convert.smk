@@ -14,8 +14,6 @@ rule convert_int8:
         "logs/convert_{model}.log",
     benchmark:
         "benchmarks/runs/convert_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: TF_THREADS
@@ -41,8 +39,6 @@ rule layer_fidelity:
         "logs/convert_{model}_layers.log",
     benchmark:
         "benchmarks/runs/layer_fidelity_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: TF_THREADS

@@ -9,8 +9,6 @@ rule evaluate_model:
         "logs/evaluate_{name}.log",
     benchmark:
         "benchmarks/runs/evaluate_{name}.tsv"
-    wildcard_constraints:
-        name="|".join(EVAL_MODELS),
     conda:
         "../../envs/tf.yaml"
     threads: 1

@@ -20,8 +20,6 @@ rule npu_host_check:
         "logs/npu/{model}_host_check.log",
     benchmark:
         "benchmarks/runs/npu_host_check_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: 1
@@ -43,8 +41,6 @@ rule npu_stedgeai_analyze:
         "logs/npu/{model}_stedgeai_analyze.log",
     benchmark:
         "benchmarks/runs/npu_stedgeai_analyze_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: 1
@@ -67,8 +63,6 @@ rule npu_stedgeai_generate:
         "logs/npu/{model}_stedgeai_generate.log",
     benchmark:
         "benchmarks/runs/npu_stedgeai_generate_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: 1
@@ -92,8 +86,6 @@ rule npu_stedgeai_validate:
         "logs/npu/{model}_stedgeai_validate.log",
     benchmark:
         "benchmarks/runs/npu_stedgeai_validate_{model}.tsv"
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: 1
@@ -114,8 +106,6 @@ rule npu_stedgeai_report:
         "results/npu/{model}_stedgeai.json",
     log:
         "logs/npu/{model}_stedgeai_report.log",
-    wildcard_constraints:
-        model="ptq|qat",
     conda:
         "../../envs/tf.yaml"
     threads: 1

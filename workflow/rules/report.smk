@@ -111,7 +111,7 @@ rule report_layer_fidelity:
         mem_mb=1000,
         runtime=5,
     params:
-        models=[f"{model.upper()}-INT8" for model in INT8_MODELS],
+        models=[short_name(model) for model in INT8_MODELS],
     script:
         "../scripts/report_layer_fidelity.py"
 
@@ -225,7 +225,7 @@ rule report_weight_sqnr:
         mem_mb=3000,
         runtime=15,
     params:
-        models=[f"{model.upper()}-INT8" for model in INT8_MODELS],
+        models=[short_name(model) for model in INT8_MODELS],
     script:
         "../scripts/report_weight_sqnr.py"
 

@@ -1,0 +1,31 @@
+"""The models the workflow builds and compares: one list of names, one set of display names.
+
+``INT8_MODELS`` are the converted models (``results/model_<name>_int8.tflite``): PTQ from
+the pretrained model, QAT from the QAT model. ``EVAL_MODELS`` are the four models the
+evaluation scores side by side (``results/eval/scores/<name>.npz``).
+"""
+
+from __future__ import annotations
+
+INT8_MODELS = ("ptq", "qat")
+EVAL_MODELS = ("fp32", "qat_fp32", "ptq_int8", "qat_int8")
+
+SHORT_NAMES = {
+    "fp32": "FP32",
+    "qat_fp32": "QAT-FP32",
+    "ptq_int8": "PTQ-INT8",
+    "qat_int8": "QAT-INT8",
+}
+LONG_NAMES = {
+    "fp32": "pretrained FP32 (Keras)",
+    "qat_fp32": "QAT FP32 (Keras)",
+    "ptq_int8": "PTQ INT8 (TFLite)",
+    "qat_int8": "QAT INT8 (TFLite)",
+}
+
+
+def short_name(model: str) -> str:
+    """Display name of an evaluation or INT8 model: "qat_int8" or "qat" -> "QAT-INT8"."""
+    if model in INT8_MODELS:
+        model = f"{model}_int8"
+    return SHORT_NAMES.get(model, model)
