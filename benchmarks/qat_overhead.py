@@ -34,7 +34,7 @@ def main() -> None:
 
     import keras
 
-    from n6qat import qat
+    from n6qat import int8_twin
 
     keras.utils.set_random_seed(0)
     settings = FeatureSettings()
@@ -53,10 +53,10 @@ def main() -> None:
     variants = {
         "float": model,
         "float-bn-frozen": frozen_bn,
-        "qat": qat.build_qat_model(model),
-        "qat+act": qat.build_qat_model(model, simulate_activations=True),
+        "qat": int8_twin.build_qat_model(model),
+        "qat+act": int8_twin.build_qat_model(model, simulate_activations=True),
     }
-    qat.calibrate_activation_ranges(variants["qat+act"], [x])
+    int8_twin.calibrate_activation_ranges(variants["qat+act"], [x])
     for net in variants.values():
         net.compile(
             optimizer=keras.optimizers.Adam(1e-4, clipnorm=1.0),

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from n6qat import birdnet
-from n6qat.convert import agreement, convert_int8, run_tflite
+from n6qat.convert import convert_int8
 from n6qat.errors import N6QATError
 from n6qat.features import FeatureSettings, spectrogram
+from n6qat.int8_twin import build_qat_model, quantized_kernels
+from n6qat.litert import run_tflite
+from n6qat.metrics import agreement
 from n6qat.model import load_model, prepare_pretrained, read_labels, save_model
-from n6qat.qat import build_qat_model, quantized_kernels
 
 SHARED = Path(__file__).parents[2] / "shared" / "birdnet_stm32n6_100"
 CHECKPOINT = SHARED / "birdnet_stm32n6_100.keras"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from n6qat.cli import main
-from n6qat.convert import convert_int8, save_validation_npz
+from n6qat.convert import convert_int8
+from n6qat.validation_npz import save_validation_npz
 
 INPUT_SHAPE = (12, 12, 3)
 

@@ -3,15 +3,12 @@
 import numpy as np
 import pytest
 
-from n6qat.convert import (
-    agreement,
-    convert_int8,
-    run_tflite,
-    save_validation_npz,
-    select_representative,
-)
+from n6qat.convert import convert_int8, select_representative
 from n6qat.errors import N6QATError
+from n6qat.litert import run_tflite
+from n6qat.metrics import agreement
 from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
+from n6qat.validation_npz import save_validation_npz
 
 INPUT_SHAPE = (32, 24, 1)
 N_CLASSES = 4

@@ -25,19 +25,31 @@ NOT_PYTHON = {"python", "pip", "libsndfile"}
 
 
 def rule_blocks() -> dict[str, dict[str, str]]:
-    """Each rule's `conda:` and `script:` paths, from the text of workflow/rules/*.smk."""
+    """Each rule's `conda:` and `script:` paths, from the workflow as Snakemake parses it.
+
+    A rule made in a loop (report.smk's table) names its script by its own name at run
+    time (`../scripts/<rule>.py`); every other script path is a constant of the rule.
+    """
+    import tempfile
+
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import OutputSettings, ResourceSettings
+
     rules: dict[str, dict[str, str]] = {}
-    for smk in sorted(RULES.glob("*.smk")):
-        name, directive = None, None
-        for line in smk.read_text().splitlines():
-            if match := re.match(r"rule (\w+):", line):
-                name, directive = match[1], None
-                rules[name] = {}
-            elif match := re.match(r"    (\w+):", line):
-                directive = match[1]
-            elif name and directive in ("conda", "script"):
-                if match := re.match(r'\s+"([^"]+)"', line):
-                    rules[name][directive] = match[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config").symlink_to(ROOT / "config")
+        with SnakemakeApi(OutputSettings()) as api:
+            workflow = api.workflow(
+                resource_settings=ResourceSettings(), snakefile=ROOT / "Snakefile",
+                workdir=Path(tmp),
+            )._workflow  # fmt: skip
+            for rule in workflow.rules:
+                found = {"conda": rule.conda_env} if rule.conda_env else {}
+                if rule.is_script:
+                    constants = [c for c in rule.run_func.__code__.co_consts
+                                 if isinstance(c, str) and c.startswith("..") and c.endswith(".py")]
+                    found["script"] = constants[0] if constants else f"../scripts/{rule.name}.py"
+                rules[rule.name] = found
     return rules
 
 
@@ -176,7 +188,7 @@ def test_an_env_without_the_audio_libraries_is_caught(tmp_path):
     """The report env as it was: evaluate_summary's n6qat.dataset needs tqdm, soundfile, soxr."""
     env = tmp_path / "report.yaml"
     env.write_text(
-        "dependencies:\n  - python=3.11\n  - numpy>=1.26\n  - pandas>=2.2\n  - pip\n"
+        "dependencies:\n  - python=3.11\n  - numpy>=1.26\n  - pandas>=2.2\n  - pyyaml\n  - pip\n"
         "  - pip:\n      - keras>=3.10\n"
     )
     script = ROOT / "workflow/scripts/evaluate_summary.py"

@@ -161,7 +161,7 @@ def test_sqnr_edge_cases():
 
 
 def test_plot_has_two_panels_after_a_csv_round_trip(converted, tmp_path):
-    from n6qat.report import plot_layer_fidelity
+    from n6qat.report_figures import plot_layer_fidelity
 
     _, _, _, table = converted
     unmatched = table.iloc[[0]].assign(layer="", cosine=np.nan, sqnr_db=np.nan, order=len(table))

@@ -10,26 +10,29 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from n6qat.convert import agreement, convert_int8, run_tflite, save_validation_npz
+from n6qat.convert import convert_int8
 from n6qat.errors import N6QATError
 from n6qat.features import FeatureSettings
+from n6qat.litert import run_tflite
+from n6qat.metrics import METRIC_NAMES, agreement, stedgeai_metrics
 from n6qat.n6 import (
     HOST_METRICS_ROW,
-    METRIC_NAMES,
     activation_fit,
     check_and_report,
     check_model,
     format_host_check,
-    graph_positions,
     live_activation_bytes,
+    write_host_check,
+)
+from n6qat.n6_ops import (
+    graph_positions,
     place_operators,
     placement_findings,
     quantization_findings,
     shape_findings,
-    stedgeai_metrics,
-    write_host_check,
 )
 from n6qat.tflite_inspect import ModelInfo, OperatorInfo, TensorInfo
+from n6qat.validation_npz import save_validation_npz
 
 SMALL = FeatureSettings(sample_rate=8000, chunk_duration=1.0, n_fft=128, spec_width=32, n_mels=16)
 RNG = np.random.default_rng(0)
@@ -165,7 +168,7 @@ def test_dscnn_numbers_in_stedgeai_terms(dscnn):
     assert tuple(metrics) == METRIC_NAMES and check.validation_samples == 12
     with np.load(npz) as data:
         reference, inputs = data["m_outputs_1"], data["m_inputs_1"]
-    independent = agreement(reference, run_tflite(path, inputs))  # convert's own metrics
+    independent = agreement(reference, run_tflite(path, inputs))  # the gate's metrics
     for ours, theirs in [("rmse", "rmse"), ("mae", "mae"), ("l2r", "l2r"), ("cos", "cosine")]:
         assert metrics[ours] == pytest.approx(independent[theirs], rel=1e-6)
     assert metrics["cos"] > 0.9 and 0 <= metrics["acc"] <= 100
@@ -409,7 +412,7 @@ def test_metrics_by_hand():
     assert m["cos"] == pytest.approx(1.7 / (math.sqrt(2) * math.sqrt(1.5)))
     one_unit = stedgeai_metrics(np.zeros((3, 1)), np.full((3, 1), 0.1))
     assert one_unit["acc"] is None and one_unit["l2r"] is None and one_unit["nse"] is None
-    assert one_unit["cos"] is None and one_unit["mean"] == pytest.approx(0.1)
+    assert one_unit["cos"] == 0.0 and one_unit["mean"] == pytest.approx(0.1)  # metrics' zero rule
 
 
 def test_the_report_is_json_and_text(dscnn, tmp_path):

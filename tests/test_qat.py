@@ -14,7 +14,7 @@ except RuntimeError:  # TensorFlow already initialised by another test module
 import keras  # noqa: E402
 import tflite  # noqa: E402
 
-from n6qat import qat  # noqa: E402
+from n6qat import fake_quant, int8_twin, qat  # noqa: E402
 from n6qat.errors import N6QATError  # noqa: E402
 
 L = keras.layers
@@ -158,7 +158,7 @@ def test_rounding_matches_the_converter_on_and_near_ties():
     model.get_layer("c").set_weights([kernel, np.zeros(18, np.float32)])
 
     _, [(_, codes, scales, _, _)] = _weighted_ops(_convert(model, True, (2, 2, 64)))
-    mine = qat.fake_quantize_weights(kernel, channel_axis=3).numpy()[0, 0]
+    mine = fake_quant.fake_quantize_weights(kernel, channel_axis=3).numpy()[0, 0]
 
     expected = [[127, 1, 2, 3, -1, -3, 4, 0], [-127, 5, 6, -5, -6, 101, -101, 7]]
     np.testing.assert_array_equal(scales[:2], [1.0, 1.0])
@@ -169,8 +169,8 @@ def test_rounding_matches_the_converter_on_and_near_ties():
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
 def test_qat_kernels_equal_the_converters_int8_weights(per_channel, tmp_path):
     model = _bn_model(np.random.default_rng(1))
-    twin = qat.build_qat_model(model, per_channel=per_channel)
-    kernels = qat.quantized_kernels(twin)
+    twin = int8_twin.build_qat_model(model, per_channel=per_channel)
+    kernels = int8_twin.quantized_kernels(twin)
 
     # Convert the saved original model, as the workflow does.
     model.save(tmp_path / "model.keras")
@@ -190,7 +190,7 @@ def test_qat_kernels_equal_the_converters_int8_weights(per_channel, tmp_path):
         kernel = kernels[name]
         assert np.all(zero_points == 0)
         assert codes.min() >= -127 and codes.max() <= 127
-        axis = qat.quantization_channel_axis(reloaded.get_layer(name))
+        axis = fake_quant.quantization_channel_axis(reloaded.get_layer(name))
         channels = kernel.shape[axis:] if per_channel else ()
         assert scales.size == int(np.prod(channels))
         assert qdim == (dim if per_channel else 0)
@@ -205,8 +205,8 @@ def test_qat_kernels_equal_the_converters_int8_weights(per_channel, tmp_path):
 
 def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():
     kernel = tf.Variable(np.random.default_rng(2).normal(size=(3, 3, 4, 5)).astype(np.float32))
-    eager = qat.fake_quantize_weights(kernel, 3)
-    graph = tf.function(lambda: qat.fake_quantize_weights(kernel, 3))()
+    eager = fake_quant.fake_quantize_weights(kernel, 3)
+    graph = tf.function(lambda: fake_quant.fake_quantize_weights(kernel, 3))()
     np.testing.assert_array_equal(eager.numpy(), graph.numpy())
 
     scale = np.abs(kernel.numpy()).max(axis=(0, 1, 2)) / 127
@@ -216,16 +216,16 @@ def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():
 
     weights = tf.constant(np.arange(180, dtype=np.float32).reshape(kernel.shape))
     with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(qat.fake_quantize_weights(kernel, None) * weights)
+        loss = tf.reduce_sum(fake_quant.fake_quantize_weights(kernel, None) * weights)
     np.testing.assert_array_equal(tape.gradient(loss, kernel).numpy(), weights.numpy())
 
 
 def test_quantization_channel_axis():
-    assert qat.quantization_channel_axis(L.Conv2D(2, 3)) == 3
-    assert qat.quantization_channel_axis(L.DepthwiseConv2D(3)) == 2
-    assert qat.quantization_channel_axis(L.Dense(2)) == 1
+    assert fake_quant.quantization_channel_axis(L.Conv2D(2, 3)) == 3
+    assert fake_quant.quantization_channel_axis(L.DepthwiseConv2D(3)) == 2
+    assert fake_quant.quantization_channel_axis(L.Dense(2)) == 1
     with pytest.raises(N6QATError, match="no quantized kernel"):
-        qat.quantization_channel_axis(L.ReLU())
+        fake_quant.quantization_channel_axis(L.ReLU())
 
 
 # ---------------------------------------------------------------- the twin
@@ -238,8 +238,8 @@ def test_twin_shares_variables_and_runs_batch_norm_on_moving_statistics():
     outputs = L.Dense(2, activation="sigmoid", name="head")(L.Flatten()(x))
     model = keras.Model(inputs, outputs)
     _randomize_batch_norms(model, np.random.default_rng(4))
-    twin = qat.build_qat_model(model, frozen_layers=("head",))
-    assert isinstance(twin.get_layer("bn_qat"), qat._InferenceBatchNorm)
+    twin = int8_twin.build_qat_model(model, frozen_layers=("head",))
+    assert isinstance(twin.get_layer("bn_qat"), fake_quant.InferenceBatchNorm)
 
     model_variables = {id(v) for v in model.weights}
     assert {id(v) for v in twin.weights} == model_variables
@@ -260,12 +260,12 @@ def test_sequential_model_folds_batch_norm_like_a_functional_one():
     _randomize_batch_norms(sequential, rng)
     functional = keras.Model(sequential.inputs, sequential.outputs)  # same layers
 
-    twins = [qat.build_qat_model(m, per_channel=False) for m in (sequential, functional)]
+    twins = [int8_twin.build_qat_model(m, per_channel=False) for m in (sequential, functional)]
     for twin in twins:
         names = [
             type(layer).__name__ for layer in twin.layers if type(layer).__name__ != "InputLayer"
         ]
-        assert names[:2] == ["_QuantizedLayer", "_FoldedAway"]
+        assert names[:2] == ["QuantizedLayer", "FoldedAway"]
     x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
     np.testing.assert_array_equal(twins[0](x), twins[1](x))
     assert np.abs(twins[0](x) - sequential(x)).max() > 0
@@ -273,7 +273,7 @@ def test_sequential_model_folds_batch_norm_like_a_functional_one():
 
 def test_unknown_frozen_layer_and_bad_settings_are_user_errors():
     with pytest.raises(N6QATError, match="nope"):
-        qat.build_qat_model(_tiny_model(), frozen_layers=("nope",))
+        int8_twin.build_qat_model(_tiny_model(), frozen_layers=("nope",))
     with pytest.raises(N6QATError, match="optimizer"):
         qat.QATSettings(optimizer="rmsprop")
     with pytest.raises(N6QATError, match="epochs"):
@@ -282,11 +282,11 @@ def test_unknown_frozen_layer_and_bad_settings_are_user_errors():
 
 def test_activation_ranges_calibrate_then_track_in_the_train_step():
     model = _tiny_model()
-    twin = qat.build_qat_model(model, simulate_activations=True)
+    twin = int8_twin.build_qat_model(model, simulate_activations=True)
     ranges = {
         layer.name: layer
-        for layer in qat._twin_layers(twin)
-        if isinstance(layer, qat._ActivationRange)
+        for layer in int8_twin.twin_layers(twin)
+        if isinstance(layer, fake_quant.ActivationRange)
     }
     # Every tensor the converter stores as int8: the input (read by c1 and skip), ReLU6
     # outputs (conv+BN+ReLU6 and ADD+ReLU6 are fused ops), the BN-folded depthwise output
@@ -297,9 +297,9 @@ def test_activation_ranges_calibrate_then_track_in_the_train_step():
         "r2_range", "pool_range", "head_logit_range",
     }
     x = np.random.default_rng(6).normal(size=(32, 8, 8, 1)).astype(np.float32)
-    plain = qat.build_qat_model(model)(x).numpy()
+    plain = int8_twin.build_qat_model(model)(x).numpy()
 
-    qat.calibrate_activation_ranges(twin, [x[:16], x[16:]])
+    int8_twin.calibrate_activation_ranges(twin, [x[:16], x[16:]])
     r1 = ranges["r1_range"]
     assert float(r1.range_min) == 0.0 and 0.0 < float(r1.range_max) <= 6.0
     assert np.abs(twin(x).numpy() - plain).max() > 1e-5
@@ -355,7 +355,7 @@ def test_run_qat_trains_the_original_which_saves_and_loads_as_plain_keras(traine
 def test_validation_runs_on_the_quantized_simulation(trained):
     model, _, history, settings, *_ = trained
     val = _examples(32, 1).batch(settings.batch_size)
-    twin = qat.build_qat_model(model, per_channel=False)
+    twin = int8_twin.build_qat_model(model, per_channel=False)
     twin.compile(loss="binary_crossentropy")
     model.compile(loss="binary_crossentropy")
 
@@ -447,8 +447,8 @@ def test_ranges_follow_the_calibration_set_not_batches(tmp_path):
             self.seen = []
 
         def on_train_batch_end(self, batch, logs=None):
-            ranges = [layer for layer in qat._twin_layers(self.model)
-                      if isinstance(layer, qat._ActivationRange)]
+            ranges = [layer for layer in int8_twin.twin_layers(self.model)
+                      if isinstance(layer, fake_quant.ActivationRange)]
             self.seen.append({r.name: float(r.range_max) for r in ranges})
 
     model = _tiny_model()
@@ -491,8 +491,9 @@ def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, s
     and its INT8 model scores exactly what the history says."""
     import pandas as pd
 
-    from n6qat.convert import convert_int8, run_tflite
+    from n6qat.convert import convert_int8
     from n6qat.evaluate import validation_metrics
+    from n6qat.litert import run_tflite
 
     model = _tiny_model()
     rng = np.random.default_rng(4)
@@ -519,7 +520,7 @@ def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, s
     if select_with == "tflite":
         scores = run_tflite(convert_int8(model, calibration), x_val)
     else:
-        scores = qat.simulated_int8(model, calibration).predict(x_val, verbose=0)
+        scores = int8_twin.simulated_int8(model, calibration).predict(x_val, verbose=0)
     metrics = validation_metrics(scores, chunks, labels)
     assert metrics["file_top1"] == best[top1]
     assert metrics["file_cmap"] == pytest.approx(best[cmap], abs=1e-6)

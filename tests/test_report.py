@@ -6,13 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from n6qat.report import (
-    DELTA_MARK,
-    config_html,
-    dequantize,
-    flatten_config,
-    npu_table,
-    output_agreement,
+from n6qat.metrics import sqnr_db
+from n6qat.report import config_html, flatten_config, rejected_html, table_html
+from n6qat.report_figures import (
     plot_class_counts,
     plot_confusions,
     plot_npu,
@@ -21,11 +17,13 @@ from n6qat.report import (
     plot_summary,
     plot_training_curves,
     plot_weight_sqnr,
-    rejected_html,
     save_figure,
-    sqnr_db,
+)
+from n6qat.report_tables import (
+    DELTA_MARK,
+    npu_table,
+    output_agreement,
     summary_with_deltas,
-    table_html,
     weight_sqnr,
 )
 
@@ -103,13 +101,6 @@ def test_sqnr_hand_computed():
     w = np.random.default_rng(0).uniform(-1, 1, 100_000)
     scale = np.abs(w).max() / 127
     assert sqnr_db(w, np.round(w / scale) * scale) == pytest.approx(20 * math.log10(254), abs=0.1)
-
-
-def test_dequantize_per_tensor_and_per_channel():
-    codes = np.array([[1, 2], [3, 4]], dtype=np.int8)
-    assert dequantize(codes, [0.5], [1]).tolist() == [[0.0, 0.5], [1.0, 1.5]]
-    assert dequantize(codes, [0.5, 2.0], [0, 0], axis=0).tolist() == [[0.5, 1.0], [6.0, 8.0]]
-    assert dequantize(codes, [0.5, 2.0], [], axis=1).tolist() == [[0.5, 4.0], [1.5, 8.0]]
 
 
 def test_weight_sqnr_pairs_by_shape_and_error():
@@ -281,7 +272,8 @@ def converted(tmp_path_factory):
 
 
 def test_int8_weights_match_the_folded_float_kernels(converted):
-    from n6qat.report import folded_float_kernels, tflite_weights
+    from n6qat.report_tables import folded_float_kernels
+    from n6qat.tflite_inspect import tflite_weights
 
     model, tflite_bytes = converted
     kernels = folded_float_kernels(model)

@@ -14,8 +14,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ["summary", "training_curves", "confusion", "per_class_ap", "output_scatter",
            "weight_sqnr", "class_counts", "npu"]  # fmt: skip
 TABLES = ["summary", "rejected", "npu", "config"]
-REPORT_RULES = ["summary", "curves", "confusion", "output_scatter", "weight_sqnr", "data", "npu",
-                "config"]  # fmt: skip
+REPORT_RULES = ["summary", "curves", "confusion", "output_scatter", "int8_gate", "layer_fidelity",
+                "weight_sqnr", "data", "npu", "config"]  # fmt: skip
 
 pytestmark = pytest.mark.workflow
 

@@ -8,17 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from n6qat.convert import save_validation_npz
 from n6qat.errors import N6QATError
+from n6qat.npu_summary import collect_report, compare_with_host_check, summarize_npu
 from n6qat.stedgeai import (
     StedgeaiSettings,
     ToolRun,
     build_command,
     check_ascii_paths,
-    collect_report,
-    compare_with_host_check,
-    error_lines,
     locate_stedgeai,
+    profile_argument,
+    raise_for_failure,
+    run_step,
+    split_extra_flags,
+)
+from n6qat.stedgeai_reports import (
+    error_lines,
     parse_c_info,
     parse_compact_metrics,
     parse_epochs,
@@ -30,13 +34,9 @@ from n6qat.stedgeai import (
     parse_summary,
     parse_validation_table,
     parse_version,
-    profile_argument,
-    raise_for_failure,
-    run_step,
     size_bytes,
-    split_extra_flags,
-    summarize_npu,
 )
+from n6qat.validation_npz import save_validation_npz
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures/stedgeai"

@@ -5,7 +5,13 @@ import pytest
 
 from n6qat.convert import convert_int8
 from n6qat.errors import N6QATError
-from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
+from n6qat.tflite_inspect import (
+    dequantize,
+    int8_problems,
+    io_details,
+    op_histogram,
+    read_tflite,
+)
 
 INPUT_SHAPE = (16, 12, 1)
 
@@ -149,3 +155,10 @@ def test_opcodes_past_127_use_the_extended_builtin_code():
     info = read_tflite(_float_tflite(gelu))
     assert op_histogram(info) == {"GELU": 1}  # builtin code 150, deprecated code 127
     assert int8_problems(info) == ["op 0 GELU runs in float (tensor 0 'x' is float32)"]
+
+
+def test_dequantize_per_tensor_and_per_channel():
+    codes = np.array([[1, 2], [3, 4]], dtype=np.int8)
+    assert dequantize(codes, [0.5], [1]).tolist() == [[0.0, 0.5], [1.0, 1.5]]
+    assert dequantize(codes, [0.5, 2.0], [0, 0], axis=0).tolist() == [[0.5, 1.0], [6.0, 8.0]]
+    assert dequantize(codes, [0.5, 2.0], [], axis=1).tolist() == [[0.5, 4.0], [1.5, 8.0]]

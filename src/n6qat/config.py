@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 from pathlib import Path
 
@@ -15,6 +16,46 @@ REMOVED_KEYS = {
     ),
 }
 """Keys of earlier versions, with what replaced them."""
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+"""The config schema: every key, its type, its description and its default."""
+
+
+def schema_defaults(section: str, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """The schema's default of every key of config section ``section`` (the one source).
+
+    The settings classes (`n6qat.qat.QATSettings`, `n6qat.gate.GateSettings`,
+    `n6qat.features.FeatureSettings`) take their defaults from here, so a default
+    changed in the schema changes the package's too.
+    """
+    schema = _schema(str(schema_path))
+    properties = schema["properties"][section]["properties"]
+    return {key: prop["default"] for key, prop in properties.items() if "default" in prop}
+
+
+def with_schema_defaults(section: str, **keys: str):
+    """Class decorator (under ``@dataclass``): each field's default is the schema's.
+
+    A field takes the default of the config key ``section.<field>``, or of the key named
+    in ``keys`` (field name -> config key); lists become tuples. Fields the schema has
+    no default for keep their own.
+    """
+
+    def decorate(cls):
+        defaults = schema_defaults(section)
+        for name in cls.__annotations__:
+            key = keys.get(name, name)
+            if key in defaults:
+                value = defaults[key]
+                setattr(cls, name, tuple(value) if isinstance(value, list) else value)
+        return cls
+
+    return decorate
+
+
+@functools.cache
+def _schema(path: str) -> dict:
+    return yaml.safe_load(Path(path).read_text())
 
 
 def config_errors(config: dict, schema_path: str | Path) -> list[str]:

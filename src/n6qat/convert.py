@@ -3,30 +3,28 @@
 The converter path is Keras `model.export` (a SavedModel with a batch-1 signature) then
 `tf.lite.TFLiteConverter.from_saved_model`: it freezes the Keras 3 variables, folds
 BatchNormalization with its moving statistics, and gives the converted model a static
-input shape [1, ...] as the NPU wants. TensorFlow and LiteRT are imported inside the
-functions that need them so that importing this module stays cheap.
+input shape [1, ...] as the NPU wants. TensorFlow is imported inside the functions that
+need it (LiteRT inside `n6qat.litert`) so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from n6qat.atomic import atomic_path, write_bytes, write_text
+from n6qat.atomic import write_bytes, write_text
 from n6qat.errors import N6QATError
-from n6qat.metrics import cosine_similarity
+from n6qat.litert import run_tflite
+from n6qat.metrics import agreement
+from n6qat.tool_output import last_lines, native_stderr_captured
+from n6qat.validation_npz import save_validation_npz
 
 if TYPE_CHECKING:
     import keras
@@ -35,10 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IO_DTYPES = ("float32", "int8")
-# Keys of the .npz given to `stedgeai validate --valinput`: the tool's own dump
-# (network_val_io.npz) names arrays m_inputs_<k> / m_outputs_<k> / c_outputs_<k>, k from 1.
-VALIDATION_INPUT_KEY = "m_inputs_1"
-VALIDATION_OUTPUT_KEY = "m_outputs_1"
 
 
 def select_representative(
@@ -121,7 +115,7 @@ def convert_int8(
             yield [samples[start : start + batch_size]]
 
     with tempfile.TemporaryDirectory(prefix="n6qat_export_") as export_dir:
-        with _native_stderr_captured() as captured:
+        with native_stderr_captured() as captured:
             try:
                 model.export(
                     export_dir, format="tf_saved_model", input_signature=[spec], verbose=False
@@ -144,7 +138,7 @@ def convert_int8(
             f"model '{name}' could not be converted to full INT8 "
             f"({type(failure).__name__}: {_converter_reason(str(failure))}); every layer must map "
             f"to an INT8 TFLite builtin: replace the layer named in the message. "
-            f"Converter log tail:\n{_last_lines(captured.text)}"
+            f"Converter log tail:\n{last_lines(captured.text, 15)}"
         ) from failure
     macs = re.search(r"equivalently ([\d.]+ \w?) *MACs", captured.text)
     log.info(
@@ -188,40 +182,6 @@ def _checked_representative(
     return samples
 
 
-@dataclass
-class _Captured:
-    text: str = ""
-
-
-@contextlib.contextmanager
-def _native_stderr_captured() -> Iterator[_Captured]:
-    """Collect what C++ code (TF logging, the MLIR converter) writes to file descriptor 2.
-
-    Python warnings raised meanwhile are collected as well. The redirect is process-wide
-    for its duration, so another thread's stderr lands here too.
-    """
-    captured = _Captured()
-    sys.stderr.flush()
-    try:
-        saved_fd = os.dup(2)
-    except OSError:  # no usable stderr (closed by a daemon): nothing to capture
-        yield captured
-        return
-    with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-            sink.seek(0)
-            lines = [sink.read().decode("utf-8", "replace")]
-            lines += [f"{w.category.__name__}: {w.message}" for w in caught]
-            captured.text = "\n".join(line.rstrip("\n") for line in lines if line)
-
-
 def _converter_reason(text: str) -> str:
     """The converter's own error messages, with the graph node instead of the MLIR location."""
     reasons = []
@@ -238,154 +198,6 @@ def _converter_reason(text: str) -> str:
             reasons.append(reason)
     unique = list(dict.fromkeys(reasons))
     return "; ".join(unique[:4]) if unique else (text.strip().splitlines() or [""])[0][:300]
-
-
-def _last_lines(text: str, count: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-count:])
-
-
-def run_tflite(
-    model_bytes_or_path: bytes | str | Path, x: np.ndarray, num_threads: int = 1
-) -> np.ndarray:
-    """Run every sample of `x` through a single-input, single-output .tflite; float32 out.
-
-    Int8 inputs are quantized and int8 outputs dequantized with the tensors' own
-    scale/zero point, so callers always work in float. A batch-N model gets chunks of N
-    (the last one zero-padded).
-    """
-    from ai_edge_litert.interpreter import Interpreter
-
-    label = "<bytes>" if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
-    with _native_stderr_captured():
-        try:
-            if isinstance(model_bytes_or_path, bytes):
-                interpreter = Interpreter(
-                    model_content=model_bytes_or_path, num_threads=num_threads
-                )
-            else:
-                interpreter = Interpreter(
-                    model_path=str(model_bytes_or_path), num_threads=num_threads
-                )
-            interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as err:
-            failure = err
-        else:
-            failure = None
-    if failure is not None:
-        raise N6QATError(f"LiteRT cannot load TFLite model {label}: {failure}") from failure
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise N6QATError(
-            f"TFLite model {label} has {len(inputs)} inputs and {len(outputs)} outputs; "
-            "run_tflite handles one of each"
-        )
-    inp, out = inputs[0], outputs[0]
-    batch, sample_shape = int(inp["shape"][0]), tuple(int(d) for d in inp["shape"][1:])
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[1:] != sample_shape:
-        raise N6QATError(
-            f"inputs of shape {x.shape} do not fit TFLite model {label} "
-            f"(expects (N, {', '.join(map(str, sample_shape))}))"
-        )
-    results = []
-    for start in range(0, len(x), batch):
-        chunk = x[start : start + batch]
-        filled = len(chunk)
-        if filled < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - filled, *sample_shape), np.float32)])
-        interpreter.set_tensor(inp["index"], _to_tensor(chunk, inp))
-        interpreter.invoke()
-        results.append(_from_tensor(interpreter.get_tensor(out["index"]), out)[:filled])
-    if not results:
-        return np.zeros((0, *(int(d) for d in out["shape"][1:])), np.float32)
-    return np.concatenate(results)
-
-
-def _to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
-    dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f":
-        return x.astype(dtype)
-    scale, zero_point = detail["quantization"]
-    scaled = x / scale
-    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)  # TFLite rounds half away
-    info = np.iinfo(dtype)
-    return np.clip(rounded + zero_point, info.min, info.max).astype(dtype)
-
-
-def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
-    if np.dtype(detail["dtype"]).kind == "f":
-        return y.astype(np.float32)
-    scale, zero_point = detail["quantization"]
-    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
-
-
-def agreement(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
-    """How closely `test` (e.g. the INT8 model) follows `reference` (the Keras model).
-
-    cosine: over the flattened arrays (the gate value; 1.0 when both are all zero);
-    cosine_per_sample_mean: mean of per-sample cosines; rmse, mae, max_abs_error;
-    l2r: ||test - ref|| / ||ref|| (ST's relative L2 error); pearson_r over the flattened
-    arrays (nan when either is constant); top1_agreement: share of samples whose argmax
-    on the last axis matches (with one output unit: the > 0.5 decision).
-    """
-    ref = np.asarray(reference, dtype=np.float64)
-    out = np.asarray(test, dtype=np.float64)
-    if ref.shape != out.shape:
-        raise N6QATError(f"cannot compare outputs of shapes {ref.shape} and {out.shape}")
-    if ref.ndim == 0 or ref.size == 0:
-        raise N6QATError(f"cannot compare outputs of shape {ref.shape}; need (N, ...) with N >= 1")
-    diff = out - ref
-    ref_norm = float(np.linalg.norm(ref))
-    rows = zip(ref.reshape(len(ref), -1), out.reshape(len(out), -1), strict=True)
-    per_sample = [cosine_similarity(a, b) for a, b in rows]
-    if ref.shape[-1] == 1:
-        same_top1 = (ref[..., 0] > 0.5) == (out[..., 0] > 0.5)
-    else:
-        same_top1 = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
-    return {
-        "cosine": cosine_similarity(ref, out),
-        "cosine_per_sample_mean": float(np.mean(per_sample)),
-        "rmse": float(np.sqrt(np.mean(diff**2))),
-        "mae": float(np.mean(np.abs(diff))),
-        "max_abs_error": float(np.max(np.abs(diff))),
-        "l2r": float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float("nan"),
-        "pearson_r": _pearson(ref.ravel(), out.ravel()),
-        "top1_agreement": float(np.mean(same_top1)),
-    }
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    da, db = a - a.mean(), b - b.mean()
-    denominator = float(np.linalg.norm(da) * np.linalg.norm(db))
-    return float(np.dot(da, db) / denominator) if denominator > 0 else float("nan")
-
-
-def save_validation_npz(path: Path, inputs: np.ndarray, outputs: np.ndarray) -> None:
-    """Write inputs and reference outputs for `stedgeai validate --valinput`, atomically.
-
-    One .npz holds both: inputs under "m_inputs_1" (shape (N, *model input without
-    batch)) and outputs under "m_outputs_1" (N, *output), the key scheme of the tool's
-    own network_val_io.npz; ST's tutorials give such a single file to --valinput alone.
-    float64 is stored as float32, the model's I/O type.
-    """
-    path = Path(path)
-    inputs, outputs = np.asarray(inputs), np.asarray(outputs)
-    if len(inputs) != len(outputs) or len(inputs) == 0:
-        raise N6QATError(
-            f"validation data for {path} needs as many outputs as inputs (at least one); "
-            f"got {len(inputs)} inputs and {len(outputs)} outputs"
-        )
-    arrays = {
-        VALIDATION_INPUT_KEY: _as_io_dtype(inputs),
-        VALIDATION_OUTPUT_KEY: _as_io_dtype(outputs),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **arrays)
-
-
-def _as_io_dtype(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float32) if array.dtype == np.float64 else array
 
 
 def calibration_set(features: np.ndarray, chunks: pd.DataFrame, settings: dict) -> np.ndarray:
@@ -429,7 +241,7 @@ def convert_and_check(
         quality,
         without_passed_messages,
     )
-    from n6qat.qat import simulated_int8
+    from n6qat.int8_twin import simulated_int8
     from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
 
     x_val, val_chunks = val

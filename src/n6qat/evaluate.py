@@ -150,7 +150,7 @@ def confusion(
 def predict(model_path: str, x: np.ndarray) -> np.ndarray:
     """Chunk scores of a ``.keras`` model (Keras) or a ``.tflite`` model (LiteRT)."""
     if str(model_path).endswith(".tflite"):
-        from n6qat.convert import run_tflite
+        from n6qat.litert import run_tflite
 
         return run_tflite(model_path, x)
     from n6qat.model import load_model

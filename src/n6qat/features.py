@@ -8,18 +8,18 @@ mel spectrogram is available as ``kind="mel"``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from n6qat.atomic import atomic_path
+from n6qat.config import with_schema_defaults
 from n6qat.errors import N6QATError
 
 log = logging.getLogger(__name__)
@@ -34,29 +34,31 @@ PWL_MINMAX_SLOPES = (0.40, 0.25, 0.15, 0.08)
 
 
 @dataclass(frozen=True)
+@with_schema_defaults("features")
 class FeatureSettings:
     """How a chunk of audio becomes a model input of shape (bins, spec_width, 1).
 
     ``normalization="peak"`` scales each chunk to peak 1 and the spectrum by the window;
     ``"minmax"`` (BirdNET-STM32's) leaves both raw and scales each finished spectrogram
     to [0, 1]. ``center`` centres frame i on sample i * hop (zero padding), as librosa.
+    Every default is the schema's (config section ``features``).
     """
 
-    kind: str = "linear"
-    sample_rate: int = 16000
-    chunk_duration: float = 3.0
-    n_fft: int = 512
-    spec_width: int = 128
-    n_mels: int = 64
-    fmin: float = 150.0
-    fmax: float | None = None
-    magnitude_scale: str = "none"
-    max_duration: float = 30.0
-    max_chunks_per_file: int = 10
-    min_chunk_energy: float = 0.1
-    hop_length: int | None = field(default=None)
-    center: bool = False
-    normalization: str = "peak"
+    kind: str
+    sample_rate: int
+    chunk_duration: float
+    n_fft: int
+    spec_width: int
+    n_mels: int
+    fmin: float
+    fmax: float | None
+    magnitude_scale: str
+    max_duration: float
+    max_chunks_per_file: int
+    min_chunk_energy: float
+    hop_length: int | None
+    center: bool
+    normalization: str
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
@@ -306,12 +308,3 @@ def _write_npy(path: Path, arrays: list[np.ndarray], shape: tuple[int, ...]) -> 
 def load_features(npy: Path) -> np.ndarray:
     """The cached features, memory-mapped read-only (float16)."""
     return np.load(npy, mmap_mode="r")
-
-
-def write_settings(path: Path, settings: FeatureSettings) -> None:
-    """Save the settings next to the cache so later stages and users can read them."""
-    path.write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
-
-
-def read_settings(path: Path) -> FeatureSettings:
-    return FeatureSettings.from_dict(json.loads(Path(path).read_text()))

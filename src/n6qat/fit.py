@@ -93,13 +93,13 @@ def reseed_dropout(model: keras.Model, seed: int, epoch: int) -> None:
     A loaded model's generators start from unseeded state; without this the dropout
     masks, and so the trained weights, differ from run to run.
     """
-    for index, layer in enumerate(_all_layers(model)):
+    for index, layer in enumerate(_seeded_layers(model)):
         for number, generator in enumerate(getattr(layer, "_seed_generators", [])):
             value = epoch_seed(seed, epoch, f"{index}/{number}/{layer.name}")
             generator.state.assign(np.array([value, 0], dtype=generator.state.dtype))
 
 
-def _all_layers(model) -> Iterable:
+def _seeded_layers(model) -> Iterable:
     seen: set[int] = set()
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if id(layer) not in seen:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from n6qat.config import with_schema_defaults
 from n6qat.evaluate import pool_files, validation_metrics
 
 QUALITY_METRICS = ("file_top1", "file_macro_f1", "file_cmap")
@@ -27,13 +28,14 @@ METRIC_NAMES = {
 
 
 @dataclass(frozen=True)
+@with_schema_defaults("convert", metrics="gate_metrics")
 class GateSettings:
-    """Limits of the INT8 gate (config keys ``convert.*``)."""
+    """Limits of the INT8 gate (config keys ``convert.*``; defaults: the schema's)."""
 
-    min_simulation_cosine: float = 0.99
-    max_loss_vs_fp32: float = 3.0
-    max_loss_vs_ptq: float = 1.0
-    metrics: tuple[str, ...] = ("file_top1",)
+    min_simulation_cosine: float
+    max_loss_vs_fp32: float
+    max_loss_vs_ptq: float
+    metrics: tuple[str, ...]
 
     @classmethod
     def from_config(cls, convert: dict) -> GateSettings:

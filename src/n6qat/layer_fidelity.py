@@ -26,8 +26,7 @@ import pandas as pd
 
 from n6qat.errors import N6QATError
 from n6qat.metrics import cosine_similarity, sqnr_db
-from n6qat.report import dequantize
-from n6qat.tflite_inspect import ModelInfo, TensorInfo, read_tflite
+from n6qat.tflite_inspect import ModelInfo, TensorInfo, dequantize, read_tflite
 
 if TYPE_CHECKING:
     import keras
@@ -131,7 +130,7 @@ def _match_layers(
     model: keras.Model, nodes: dict[int, object], info: ModelInfo, rows: list[_Row]
 ) -> None:
     """Set each row's layers, target and what it is compared with."""
-    from n6qat.qat import batch_norm_folds
+    from n6qat.folding import batch_norm_folds
 
     position = {id(layer): k for k, layer in enumerate(model.layers)}
     scopes = _layer_scopes(model, nodes)
@@ -352,7 +351,7 @@ def _run_int8(
     """Tensor index -> its int8 values for every sample, stacked: (N, *tensor shape)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from n6qat.convert import _to_tensor  # the float -> int8 input rounding of run_tflite
+    from n6qat.litert import _to_tensor  # the float -> int8 input rounding of run_tflite
 
     source = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
     with warnings.catch_warnings():

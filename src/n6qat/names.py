@@ -10,18 +10,10 @@ from __future__ import annotations
 INT8_MODELS = ("ptq", "qat")
 EVAL_MODELS = ("fp32", "qat_fp32", "ptq_int8", "qat_int8")
 
-SHORT_NAMES = {
-    "fp32": "FP32",
-    "qat_fp32": "QAT-FP32",
-    "ptq_int8": "PTQ-INT8",
-    "qat_int8": "QAT-INT8",
-}
-LONG_NAMES = {
-    "fp32": "pretrained FP32 (Keras)",
-    "qat_fp32": "QAT FP32 (Keras)",
-    "ptq_int8": "PTQ INT8 (TFLite)",
-    "qat_int8": "QAT INT8 (TFLite)",
-}
+SHORT_NAMES = dict(zip(EVAL_MODELS, ("FP32", "QAT-FP32", "PTQ-INT8", "QAT-INT8"), strict=True))
+LONG_NAMES = dict(zip(EVAL_MODELS, (
+    "pretrained FP32 (Keras)", "QAT FP32 (Keras)", "PTQ INT8 (TFLite)", "QAT INT8 (TFLite)"
+), strict=True))  # fmt: skip
 
 
 def short_name(model: str) -> str:

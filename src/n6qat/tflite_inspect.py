@@ -1,4 +1,5 @@
-"""Read a .tflite flatbuffer with the `tflite` schema package and check it is full INT8.
+"""Read a .tflite flatbuffer with the `tflite` schema package: its graph, whether it is full
+INT8, and its int8 weights as float values.
 
 Only the main subgraph (index 0) is described; the count of subgraphs is reported so
 that control flow (WHILE/IF bodies) does not go unnoticed.
@@ -33,6 +34,8 @@ _ITEM_BYTES = {
     "bool": 1, "complex64": 8, "complex128": 16,
 }  # fmt: skip
 _FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+"""The operators whose second input is a weight tensor."""
 # OperatorCode.builtin_code is field 3 (vtable slot 4 + 2 * 3); read it raw because the
 # generated BuiltinCode() swaps in deprecated_builtin_code for values below 127.
 _BUILTIN_CODE_VTABLE_OFFSET = 10
@@ -121,12 +124,24 @@ def _parse(data: bytes, source: str) -> ModelInfo:
     return ModelInfo(
         tensors=tensors,
         operators=operators,
-        inputs=[int(i) for i in graph.InputsAsNumpy()] if graph.InputsLength() else [],
-        outputs=[int(i) for i in graph.OutputsAsNumpy()] if graph.OutputsLength() else [],
+        **_inputs_outputs(graph),
         size_bytes=len(data),
         subgraph_count=model.SubgraphsLength(),
         source=source,
     )
+
+
+def _ints(length: int, as_numpy) -> list[int]:
+    """A flatbuffer vector of ints as a list; an empty vector reads as 0, not as an array."""
+    return [int(i) for i in as_numpy()] if length else []
+
+
+def _inputs_outputs(table: tflite.SubGraph | tflite.Operator) -> dict[str, list[int]]:
+    """The tensor indices a graph or an operator reads and writes, as `inputs` and `outputs`."""
+    return {
+        "inputs": _ints(table.InputsLength(), table.InputsAsNumpy),
+        "outputs": _ints(table.OutputsLength(), table.OutputsAsNumpy),
+    }
 
 
 def _check_buffers_inside(model: tflite.Model, size: int, source: str) -> None:
@@ -157,7 +172,7 @@ def _opcode_name(code: tflite.OperatorCode) -> tuple[str, str | None]:
 
 
 def _tensor_info(model: tflite.Model, tensor: tflite.Tensor, index: int) -> TensorInfo:
-    shape = [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
+    shape = _ints(tensor.ShapeLength(), tensor.ShapeAsNumpy)
     dtype = _DTYPE_NAMES.get(tensor.Type(), f"type{tensor.Type()}")
     quant = tensor.Quantization()
     scales, zero_points, qdim = [], [], 0
@@ -190,8 +205,7 @@ def _operator_info(op: tflite.Operator, index: int, opcodes: list) -> OperatorIn
     return OperatorInfo(
         index=index,
         opcode=name,
-        inputs=[int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else [],
-        outputs=[int(i) for i in op.OutputsAsNumpy()] if op.OutputsLength() else [],
+        **_inputs_outputs(op),
         options=_options(op),
         custom_code=custom,
     )
@@ -307,3 +321,57 @@ def io_details(info: ModelInfo) -> dict:
         "inputs": [describe(i) for i in info.inputs],
         "outputs": [describe(i) for i in info.outputs],
     }
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+def dequantize(codes: np.ndarray, scales, zero_points, axis: int = 0) -> np.ndarray:
+    """Float values of an int8 tensor: one scale, or one per index of `axis`."""
+    codes = np.asarray(codes, dtype=np.float64)
+    scales = np.asarray(scales, dtype=np.float64)
+    zero_points = np.asarray(zero_points if len(zero_points) else [0], dtype=np.float64)
+    if scales.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = scales.size
+        zero_points = np.broadcast_to(zero_points, scales.shape).reshape(shape)
+        scales = scales.reshape(shape)
+    return (codes - zero_points) * scales
+
+
+def tflite_weights(model_bytes: bytes) -> list[dict]:
+    """The int8 weights of every CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED, dequantized.
+
+    One dict per op, in execution order: op, opcode, tensor (name), shape, per_channel,
+    values (float64).
+    """
+    info = read_tflite(model_bytes)
+    model = tflite.Model.GetRootAs(model_bytes, 0)
+    weights = []
+    for op in info.operators:
+        tensor = info.tensors[op.inputs[1]] if len(op.inputs) > 1 else None
+        if op.opcode not in WEIGHT_OPS or tensor is None or tensor.dtype != "int8":
+            continue
+        if not (tensor.is_constant and tensor.scales):
+            continue
+        raw = _buffer_bytes(model, model_bytes, tensor.index)
+        codes = np.frombuffer(raw, dtype=np.int8).reshape(tensor.shape)
+        values = dequantize(codes, tensor.scales, tensor.zero_points, tensor.quantized_dimension)
+        weights.append(
+            {
+                "op": op.index,
+                "opcode": op.opcode,
+                "tensor": tensor.name,
+                "shape": tuple(tensor.shape),
+                "per_channel": len(tensor.scales) > 1,
+                "values": values,
+            }
+        )
+    return weights
+
+
+def _buffer_bytes(model, data: bytes, tensor_index: int) -> bytes:
+    buffer = model.Buffers(model.Subgraphs(0).Tensors(tensor_index).Buffer())
+    if buffer.DataLength():
+        return buffer.DataAsNumpy().tobytes()
+    return data[buffer.Offset() : buffer.Offset() + buffer.Size()]  # models over 2 GB

@@ -150,6 +150,34 @@ def pretrain(
     return result
 
 
+def pretrain_rule(
+    model, inputs, n_classes: int, cfg: dict, checkpoint_dir: Path, epochs: int,
+    trainable_head_only: bool = False,
+):
+    """``pretrain`` on a rule's inputs with config section ``model`` (``cfg``).
+
+    ``inputs`` names the cached features and tables: ``train``, ``train_chunks``,
+    ``val``, ``val_chunks`` and ``upsampled`` (the training set after upsampling).
+    """
+    from n6qat.dataset import read_table
+
+    return pretrain(
+        model,
+        load_split(inputs.train, inputs.train_chunks),
+        load_split(inputs.val, inputs.val_chunks),
+        read_table(inputs.upsampled),
+        n_classes=n_classes,
+        epochs=epochs,
+        batch_size=cfg["batch_size"],
+        learning_rate=cfg["learning_rate"],
+        patience=cfg["patience"],
+        min_epochs=cfg["min_epochs"],
+        checkpoint_dir=checkpoint_dir,
+        seed=cfg["seed"],
+        trainable_head_only=trainable_head_only,
+    )
+
+
 def finish_backup(checkpoint_dir: Path) -> None:
     """Drop a finished run's epoch backups."""
     import shutil

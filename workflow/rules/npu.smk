@@ -3,10 +3,14 @@
 # with or without it; without it each step records {"available": false}.
 
 
+from n6qat.stedgeai import STEPS
+
 # The stedgeai steps each model's report reads: validate only with a board attached.
 STEDGEAI_STEPS = ["analyze", "generate"]
 if config["stedgeai"]["board"]:
     STEDGEAI_STEPS.append("validate")
+# Minutes one step may take: validate runs the model on the board.
+STEDGEAI_RUNTIME = {"analyze": 30, "generate": 30, "validate": 60}
 
 
 rule npu_host_check:
@@ -32,68 +36,30 @@ rule npu_host_check:
         "../scripts/npu_host_check.py"
 
 
-rule npu_stedgeai_analyze:
+rule npu_stedgeai:
     input:
         model="results/model_{model}_int8.tflite",
+        # validate also sends the validation data to the board
+        validation=branch(
+            evaluate("{step} == 'validate'"),
+            then="results/model_{model}_int8_validation.npz",
+        ),
     output:
-        folder=directory("results/npu/stedgeai/{model}/analyze"),
+        folder=directory("results/npu/stedgeai/{model}/{step}"),
     log:
-        "logs/npu/{model}_stedgeai_analyze.log",
+        "logs/npu/{model}_stedgeai_{step}.log",
     benchmark:
-        "benchmarks/runs/npu_stedgeai_analyze_{model}.tsv"
+        "benchmarks/runs/npu_stedgeai_{step}_{model}.tsv"
+    wildcard_constraints:
+        step="|".join(STEPS),
     conda:
         "../../envs/tf.yaml"
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=lookup(dpath="{step}", within=STEDGEAI_RUNTIME),
     params:
-        step="analyze",
-        stedgeai=config["stedgeai"],
-    script:
-        "../scripts/npu_stedgeai.py"
-
-
-rule npu_stedgeai_generate:
-    input:
-        model="results/model_{model}_int8.tflite",
-    output:
-        folder=directory("results/npu/stedgeai/{model}/generate"),
-    log:
-        "logs/npu/{model}_stedgeai_generate.log",
-    benchmark:
-        "benchmarks/runs/npu_stedgeai_generate_{model}.tsv"
-    conda:
-        "../../envs/tf.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    params:
-        step="generate",
-        stedgeai=config["stedgeai"],
-    script:
-        "../scripts/npu_stedgeai.py"
-
-
-rule npu_stedgeai_validate:
-    input:
-        model="results/model_{model}_int8.tflite",
-        validation="results/model_{model}_int8_validation.npz",
-    output:
-        folder=directory("results/npu/stedgeai/{model}/validate"),
-    log:
-        "logs/npu/{model}_stedgeai_validate.log",
-    benchmark:
-        "benchmarks/runs/npu_stedgeai_validate_{model}.tsv"
-    conda:
-        "../../envs/tf.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    params:
-        step="validate",
+        step="{step}",
         stedgeai=config["stedgeai"],
     script:
         "../scripts/npu_stedgeai.py"

@@ -3,9 +3,9 @@
 from n6qat.atomic import atomic_path
 from n6qat.layer_fidelity import layer_fidelity
 from n6qat.model import load_model
-from n6qat.n6 import load_validation_npz
 from n6qat.rulelog import rule_logging
 from n6qat.train import configure_runtime
+from n6qat.validation_npz import load_validation_npz
 
 with rule_logging(snakemake.log[0]) as log:
     configure_runtime(snakemake.params.threads)

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from n6qat.atomic import write_text
+from n6qat.npu_summary import collect_report
 from n6qat.rulelog import rule_logging
-from n6qat.stedgeai import collect_report
 
 console = os.fdopen(os.dup(2), "w")  # rule_logging sends fd 2 to the log from here on
 with rule_logging(snakemake.log[0]) as log:

@@ -1,10 +1,9 @@
 """Check the FP32 checkpoint against features and classes; swap the head if asked."""
 
-from n6qat.dataset import read_table
 from n6qat.features import FeatureSettings
 from n6qat.model import prepare_pretrained, read_labels, save_model, write_json
 from n6qat.rulelog import rule_logging
-from n6qat.train import backup_dir, configure_runtime, finish_backup, load_split, pretrain
+from n6qat.train import backup_dir, configure_runtime, finish_backup, pretrain_rule
 
 with rule_logging(snakemake.log[0]) as log:
     configure_runtime(snakemake.params.threads, snakemake.params.model["seed"])
@@ -26,19 +25,8 @@ with rule_logging(snakemake.log[0]) as log:
             snakemake.params.backup, {**cfg, "threads": snakemake.params.threads},
             tuple(snakemake.input),
         )
-        result = pretrain(
-            model,
-            load_split(snakemake.input.train, snakemake.input.train_chunks),
-            load_split(snakemake.input.val, snakemake.input.val_chunks),
-            read_table(snakemake.input.upsampled),
-            n_classes=len(labels),
-            epochs=cfg["head_epochs"],
-            batch_size=cfg["batch_size"],
-            learning_rate=cfg["learning_rate"],
-            patience=cfg["patience"],
-            min_epochs=cfg["min_epochs"],
-            checkpoint_dir=backup,
-            seed=cfg["seed"],
+        result = pretrain_rule(
+            model, snakemake.input, len(labels), cfg, backup, epochs=cfg["head_epochs"],
             trainable_head_only=True,
         )
         info["head_training"] = {"best_epoch": result.best_epoch, "epochs": result.history}

@@ -17,21 +17,7 @@ from n6qat.train import (
 with rule_logging(snakemake.log[0]) as log:
     configure_runtime(snakemake.params.threads, snakemake.params.qat["seed"])
     cfg = snakemake.params.qat
-    settings = QATSettings(
-        epochs=cfg["epochs"],
-        learning_rate=cfg["learning_rate"],
-        batch_size=cfg["batch_size"],
-        optimizer=cfg["optimizer"],
-        weight_decay=cfg["weight_decay"],
-        clipnorm=cfg["clipnorm"],
-        per_channel=cfg["per_channel"],
-        simulate_activations=cfg["simulate_activations"],
-        frozen_layers=tuple(cfg["freeze"]),
-        seed=cfg["seed"],
-        selection=cfg["selection"],
-        select_with=cfg["select_with"],
-        distillation=cfg["distillation"],
-    )
+    settings = QATSettings.from_config(cfg)
     labels = read_labels(snakemake.input.labels)
     model = load_model(snakemake.input.model)
     train = load_split(snakemake.input.train, snakemake.input.train_chunks)

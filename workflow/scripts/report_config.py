@@ -5,4 +5,4 @@ from n6qat.report import config_html
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]):
-    write_text(snakemake.output[0], config_html(snakemake.params.config))
+    write_text(snakemake.output.page, config_html(snakemake.params.config))

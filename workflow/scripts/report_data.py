@@ -3,7 +3,8 @@
 import pandas as pd
 
 from n6qat.atomic import write_text
-from n6qat.report import plot_class_counts, rejected_html, save_figure
+from n6qat.report import rejected_html
+from n6qat.report_figures import plot_class_counts, save_figure
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]):

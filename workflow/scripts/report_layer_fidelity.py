@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from n6qat.report import plot_layer_fidelity, save_figure
+from n6qat.report_figures import plot_layer_fidelity, save_figure
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]):

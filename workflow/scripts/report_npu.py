@@ -1,22 +1,16 @@
 """The N6 check per INT8 model: NPU vs CPU ops, memory against the pools, stedgeai's numbers."""
 
-import json
-from pathlib import Path
-
 from n6qat.atomic import write_text
-from n6qat.report import html_table, npu_table, plot_npu, save_figure
+from n6qat.npu_summary import read_by_model
+from n6qat.report import html_table
+from n6qat.report_figures import plot_npu, save_figure
+from n6qat.report_tables import npu_table
 from n6qat.rulelog import rule_logging
 
-
-def read_by_model(paths):
-    return {
-        m: json.loads(Path(p).read_text())
-        for m, p in zip(snakemake.params.models, paths, strict=True)
-    }
-
-
 with rule_logging(snakemake.log[0]):
-    host, tool = read_by_model(snakemake.input.host), read_by_model(snakemake.input.stedgeai)
+    models = snakemake.params.models
+    host = read_by_model(models, snakemake.input.host)
+    tool = read_by_model(models, snakemake.input.stedgeai)
     save_figure(plot_npu(host, tool), snakemake.output.figure)
     note = (
         "Host check: n6qat's own analysis of the .tflite (always runs). stedgeai rows appear "

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from n6qat.report import label, output_agreement, plot_output_scatter, save_figure
+from n6qat.names import short_name
+from n6qat.report_figures import plot_output_scatter, save_figure
+from n6qat.report_tables import output_agreement
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
@@ -11,7 +13,7 @@ with rule_logging(snakemake.log[0]) as log:
         for name, path in zip(snakemake.params.models, snakemake.input.scores, strict=True)
     }
     pairs = {
-        f"{label(ref)} vs {label(test)}": (scores[ref], scores[test])
+        f"{short_name(ref)} vs {short_name(test)}": (scores[ref], scores[test])
         for ref, test in snakemake.params.pairs
     }
     for title, (ref, test) in pairs.items():

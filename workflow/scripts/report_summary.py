@@ -3,7 +3,9 @@
 import pandas as pd
 
 from n6qat.atomic import atomic_path, write_text
-from n6qat.report import html_table, plot_summary, save_figure, summary_with_deltas
+from n6qat.report import html_table
+from n6qat.report_figures import plot_summary, save_figure
+from n6qat.report_tables import summary_with_deltas
 from n6qat.rulelog import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:

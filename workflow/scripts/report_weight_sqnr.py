@@ -6,14 +6,10 @@ import pandas as pd
 
 from n6qat.atomic import atomic_path
 from n6qat.model import load_model
-from n6qat.report import (
-    folded_float_kernels,
-    plot_weight_sqnr,
-    save_figure,
-    tflite_weights,
-    weight_sqnr,
-)
+from n6qat.report_figures import plot_weight_sqnr, save_figure
+from n6qat.report_tables import folded_float_kernels, weight_sqnr
 from n6qat.rulelog import rule_logging
+from n6qat.tflite_inspect import tflite_weights
 from n6qat.train import configure_runtime
 
 with rule_logging(snakemake.log[0]) as log:

@@ -1,0 +1,235 @@
+"""Fake quantization on the TFLite converter's exact full-INT8 grids, as Keras layers.
+
+The weight grid is the one the TF 2.21 converter writes (checked against converted
+models in tests/test_qat.py): int8 in [-127, 127], zero point 0,
+scale = max|w| / 127 per output channel (or per tensor), code = round(w * (1 / scale))
+in float32 with ties rounded away from zero. A BatchNormalization the converter folds
+(`n6qat.folding`) is folded into the kernel before quantizing, which matches
+per-channel and per-tensor weights alike. Activations are per-tensor asymmetric int8
+on calibrated ranges. The layers here wrap the original layers (sharing their
+variables); `n6qat.int8_twin` puts them in place, and they are never serialized.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from n6qat.errors import N6QATError
+from n6qat.folding import batch_norm_factor_and_offset
+
+WEIGHT_QMAX = 127
+"""Narrow-range int8 weights: codes in [-127, 127], zero point 0."""
+
+RANGE_MOMENTUM = 0.99
+"""Moving-average momentum of the activation ranges tracked during QAT."""
+
+_SEPARATE_ACTIVATIONS = (keras.activations.sigmoid, keras.activations.softmax)
+
+
+def quantization_channel_axis(layer: keras.layers.Layer) -> int:
+    """First kernel axis that indexes output channels; it and all later axes do.
+
+    Conv2D (kh, kw, in, out): 3. DepthwiseConv2D (kh, kw, C, M): 2, the C*M output
+    channels. Dense (in, out): 1.
+    """
+    if isinstance(layer, keras.layers.DepthwiseConv2D | keras.layers.Conv2D):
+        if layer.data_format != "channels_last":
+            raise N6QATError(
+                f"Layer {layer.name!r} uses data_format={layer.data_format!r}; QAT supports "
+                "channels_last models only (as the TFLite converter expects). Rebuild the "
+                "model with channels_last."
+            )
+        return 2 if isinstance(layer, keras.layers.DepthwiseConv2D) else 3
+    if isinstance(layer, keras.layers.Dense):
+        return 1
+    raise N6QATError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) has no quantized kernel; only "
+        "Conv2D, DepthwiseConv2D and Dense do."
+    )
+
+
+def _round_half_away_from_zero(x):
+    magnitude = ops.abs(x)
+    whole = ops.floor(magnitude)
+    rounded = whole + ops.cast(magnitude - whole >= 0.5, x.dtype)
+    return ops.sign(x) * rounded
+
+
+def fake_quantize_weights(kernel, channel_axis: int | None):
+    """The kernel on the converter's int8 grid, with a straight-through gradient.
+
+    `channel_axis`: scales per index of this axis and all later ones (see
+    `quantization_channel_axis`); None for one scale per tensor. All-zero channels
+    stay zero.
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    rank = len(kernel.shape)
+    reduce_axes = tuple(range(rank if channel_axis is None else channel_axis % rank))
+    max_abs = ops.max(ops.abs(kernel), axis=reduce_axes, keepdims=True)
+    scale = max_abs / float(WEIGHT_QMAX)
+    inverse_scale = 1.0 / ops.where(scale > 0, scale, ops.ones_like(scale))
+    codes = ops.clip(_round_half_away_from_zero(kernel * inverse_scale), -WEIGHT_QMAX, WEIGHT_QMAX)
+    quantized = ops.stop_gradient(codes * scale)
+    # kernel - stop_gradient(kernel) is exactly 0: forward value is bit-exact, gradient 1.
+    return quantized + (kernel - ops.stop_gradient(kernel))
+
+
+class ActivationRange(keras.layers.Layer):
+    """Fake-quantizes a tensor to per-tensor asymmetric int8 on a tracked range.
+
+    The range is set by calibration, then follows an exponential moving average of
+    each training batch's min/max (always including 0, as TFLite ranges do).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calibrating = False
+        self.tracking = True  # moving-average ranges in the train step; False: calibrated only
+        self.range_min = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="range_min"
+        )
+        self.range_max = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="range_max"
+        )
+        self.initialized = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="initialized"
+        )
+        self.built = True
+
+    def call(self, inputs, training=None):
+        batch_min = ops.minimum(ops.min(inputs), 0.0)
+        batch_max = ops.maximum(ops.max(inputs), 0.0)
+        if self.calibrating:
+            self.range_min.assign(ops.minimum(self.range_min, batch_min))
+            self.range_max.assign(ops.maximum(self.range_max, batch_max))
+            return inputs
+        if training and self.tracking:
+            self._track(self.range_min, batch_min)
+            self._track(self.range_max, batch_max)
+            self.initialized.assign(1.0)
+        # Nudges the range so that 0 is exactly representable, as TFLite's int8 does.
+        quantized = tf.quantization.fake_quant_with_min_max_vars(
+            inputs, self.range_min, self.range_max, num_bits=8, narrow_range=False
+        )
+        if training:
+            return quantized
+        return ops.where(self.initialized > 0, quantized, inputs)
+
+    def _track(self, bound, batch_value) -> None:
+        moving = RANGE_MOMENTUM * bound + (1.0 - RANGE_MOMENTUM) * batch_value
+        bound.assign(ops.where(self.initialized > 0, moving, batch_value))
+
+
+class QuantizedLayer(keras.layers.Layer):
+    """Runs a Conv2D / DepthwiseConv2D / Dense with its fake-quantized kernel.
+
+    With `batch_norm`, the following BatchNormalization is folded in (moving
+    statistics, gamma and beta trainable) and the folded kernel is quantized, as the
+    converter does; the BN itself is then replaced by an identity in the twin.
+    """
+
+    def __init__(
+        self, layer, batch_norm=None, per_channel=True, quantize_output=False,
+        quantize_logits=False,
+    ):
+        super().__init__(name=f"{layer.name}_qat")
+        self.layer = layer
+        self.batch_norm = batch_norm
+        self.out_axis = quantization_channel_axis(layer)
+        self.channel_axis = self.out_axis if per_channel else None
+        self.float_weights = False  # calibration: the converter measures ranges in float
+        self.output_range = (
+            ActivationRange(name=f"{layer.name}_range") if quantize_output else None
+        )
+        # The converter stores the pre-activation output of a sigmoid/softmax layer as int8
+        # too (FULLY_CONNECTED, then LOGISTIC): quantize the logits as well.
+        self.logit_range = (
+            ActivationRange(name=f"{layer.name}_logit_range")
+            if quantize_logits and layer.activation in _SEPARATE_ACTIVATIONS
+            else None
+        )
+
+    def quantized_kernel_and_bias(self):
+        kernel = self.layer.kernel
+        bias = self.layer.bias if self.layer.use_bias else None
+        if self.batch_norm is not None:
+            factor, offset = batch_norm_factor_and_offset(self.batch_norm)
+            kernel = kernel * ops.reshape(factor, kernel.shape[self.out_axis :])
+            bias = offset if bias is None else bias * factor + offset
+        if self.float_weights:
+            return kernel, bias
+        return fake_quantize_weights(kernel, self.channel_axis), bias
+
+    def call(self, inputs, training=None):
+        kernel, bias = self.quantized_kernel_and_bias()
+        layer = self.layer
+        if isinstance(layer, keras.layers.Dense):
+            outputs = ops.matmul(inputs, kernel)
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            outputs = ops.depthwise_conv(
+                inputs,
+                kernel,
+                strides=layer.strides,
+                padding=layer.padding,
+                dilation_rate=layer.dilation_rate,
+                data_format=layer.data_format,
+            )
+        else:
+            outputs = layer.convolution_op(inputs, kernel)
+        if bias is not None:
+            outputs = ops.add(outputs, bias)
+        if self.logit_range is not None:
+            outputs = self.logit_range(outputs, training=training)
+        outputs = layer.activation(outputs)
+        if self.logit_range is not None and not self.float_weights:
+            # LOGISTIC / SOFTMAX write int8 with scale 1/256, zero point -128: [0, 255/256].
+            outputs = tf.quantization.fake_quant_with_min_max_args(
+                outputs, min=0.0, max=255.0 / 256.0, num_bits=8, narrow_range=False
+            )
+        if self.output_range is not None:
+            outputs = self.output_range(outputs, training=training)
+        return outputs
+
+
+class InferenceBatchNorm(keras.layers.Layer):
+    """A BatchNormalization not folded into a conv: always on its moving statistics."""
+
+    def __init__(self, batch_norm):
+        super().__init__(name=f"{batch_norm.name}_qat")
+        self.batch_norm = batch_norm
+
+    def call(self, inputs, mask=None):
+        return self.batch_norm(inputs, training=False, mask=mask)
+
+
+class FoldedAway(keras.layers.Layer):
+    """Stands in for a BatchNormalization that the preceding layer's wrapper folded in."""
+
+    def call(self, inputs, mask=None):
+        return inputs
+
+
+class QuantizedInput(keras.layers.Layer):
+    """Fake-quantizes the model input (the converter's input QUANTIZE), then runs the layer."""
+
+    def __init__(self, layer, name: str):
+        super().__init__(name=f"{name}_in_qat")
+        self.layer = layer
+        self.input_range = ActivationRange(name=f"{name}_input_range")
+
+    def call(self, inputs, training=None, mask=None):
+        return self.layer(self.input_range(inputs, training=training))
+
+
+class QuantizedOutput(keras.layers.Layer):
+    """Runs an activation / Add layer, then fake-quantizes its output to int8."""
+
+    def __init__(self, layer):
+        super().__init__(name=f"{layer.name}_qat")
+        self.layer = layer
+        self.output_range = ActivationRange(name=f"{layer.name}_range")
+
+    def call(self, inputs, training=None, mask=None):
+        return self.output_range(self.layer(inputs), training=training)

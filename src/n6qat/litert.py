@@ -1,0 +1,89 @@
+"""Running a .tflite with LiteRT: the one place that loads an interpreter for inference
+and maps float data to and from the model's (possibly int8) input and output tensors.
+LiteRT is imported inside `run_tflite`, so importing this module stays cheap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from n6qat.errors import N6QATError
+from n6qat.tool_output import native_stderr_captured
+
+
+def run_tflite(
+    model_bytes_or_path: bytes | str | Path, x: np.ndarray, num_threads: int = 1
+) -> np.ndarray:
+    """Run every sample of `x` through a single-input, single-output .tflite; float32 out.
+
+    Int8 inputs are quantized and int8 outputs dequantized with the tensors' own
+    scale/zero point, so callers always work in float. A batch-N model gets chunks of N
+    (the last one zero-padded).
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    label = "<bytes>" if isinstance(model_bytes_or_path, bytes) else str(model_bytes_or_path)
+    with native_stderr_captured():
+        try:
+            if isinstance(model_bytes_or_path, bytes):
+                interpreter = Interpreter(
+                    model_content=model_bytes_or_path, num_threads=num_threads
+                )
+            else:
+                interpreter = Interpreter(
+                    model_path=str(model_bytes_or_path), num_threads=num_threads
+                )
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            failure = err
+        else:
+            failure = None
+    if failure is not None:
+        raise N6QATError(f"LiteRT cannot load TFLite model {label}: {failure}") from failure
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise N6QATError(
+            f"TFLite model {label} has {len(inputs)} inputs and {len(outputs)} outputs; "
+            "run_tflite handles one of each"
+        )
+    inp, out = inputs[0], outputs[0]
+    batch, sample_shape = int(inp["shape"][0]), tuple(int(d) for d in inp["shape"][1:])
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[1:] != sample_shape:
+        raise N6QATError(
+            f"inputs of shape {x.shape} do not fit TFLite model {label} "
+            f"(expects (N, {', '.join(map(str, sample_shape))}))"
+        )
+    results = []
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        filled = len(chunk)
+        if filled < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - filled, *sample_shape), np.float32)])
+        interpreter.set_tensor(inp["index"], _to_tensor(chunk, inp))
+        interpreter.invoke()
+        results.append(_from_tensor(interpreter.get_tensor(out["index"]), out)[:filled])
+    if not results:
+        return np.zeros((0, *(int(d) for d in out["shape"][1:])), np.float32)
+    return np.concatenate(results)
+
+
+def _to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float data in the input tensor's dtype: int8 quantized as TFLite does."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    scaled = x / scale
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)  # TFLite rounds half away
+    info = np.iinfo(dtype)
+    return np.clip(rounded + zero_point, info.min, info.max).astype(dtype)
+
+
+def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An output tensor's values as float32, int8 dequantized with its scale/zero point."""
+    if np.dtype(detail["dtype"]).kind == "f":
+        return y.astype(np.float32)
+    scale, zero_point = detail["quantization"]
+    return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
