@@ -91,18 +91,6 @@ def assert_readable(fig, path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sqnr_hand_computed():
-    # ||w||^2 = 25, ||w - q||^2 = 0.25: 10 log10(100) = 20 dB
-    assert sqnr_db(np.array([3.0, 4.0]), np.array([3.0, 3.5])) == pytest.approx(20.0)
-    assert sqnr_db(np.array([1.0, -1.0]), np.array([1.0, -1.0])) == math.inf
-    assert sqnr_db(np.zeros(2), np.ones(2)) == -math.inf
-    # uniform weights on [-1, 1], int8 step 1/127: signal 1/3, noise step^2 / 12,
-    # so SQNR = 10 log10(4 * 127^2) = 48.1 dB
-    w = np.random.default_rng(0).uniform(-1, 1, 100_000)
-    scale = np.abs(w).max() / 127
-    assert sqnr_db(w, np.round(w / scale) * scale) == pytest.approx(20 * math.log10(254), abs=0.1)
-
-
 def test_weight_sqnr_pairs_by_shape_and_error():
     rng = np.random.default_rng(1)
     kernels = {"a": rng.normal(size=(4, 3)), "b": rng.normal(size=(4, 3)), "c": np.ones(5)}
