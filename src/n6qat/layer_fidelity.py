@@ -26,7 +26,7 @@ import pandas as pd
 
 from n6qat.errors import N6QATError
 from n6qat.metrics import cosine_similarity, sqnr_db
-from n6qat.tflite_inspect import ModelInfo, TensorInfo, dequantize, read_tflite
+from n6qat.tflite_inspect import WEIGHT_OPS, ModelInfo, TensorInfo, dequantize, read_tflite
 
 if TYPE_CHECKING:
     import keras
@@ -38,7 +38,6 @@ COLUMNS = [
 MODEL_INPUT = "model input"
 LAYER_OUTPUT = "layer output"
 PRE_ACTIVATION = "layer output before its activation"
-_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _PREDICT_BATCH = 16
 
 
@@ -169,7 +168,7 @@ def _mark_intermediates(rows: list[_Row]) -> None:
             row.compared_with = "nothing: no Keras layer's name scope in the tensor name"
         elif last[id(row.target)] == row.order:
             row.compared_with = LAYER_OUTPUT
-        elif row.op in _WEIGHT_OPS and _has_activation(row.target):
+        elif row.op in WEIGHT_OPS and _has_activation(row.target):
             row.compared_with = PRE_ACTIVATION
         else:
             row.compared_with = f"nothing: an intermediate of {row.target.name}, not its output"
@@ -351,7 +350,7 @@ def _run_int8(
     """Tensor index -> its int8 values for every sample, stacked: (N, *tensor shape)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from n6qat.litert import _to_tensor  # the float -> int8 input rounding of run_tflite
+    from n6qat.litert import to_tensor  # the float -> int8 input rounding run_tflite uses
 
     source = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
     with warnings.catch_warnings():
@@ -369,7 +368,7 @@ def _run_int8(
     detail = interpreter.get_input_details()[0]
     collected: dict[int, list[np.ndarray]] = {index: [] for index in indices}
     for sample in x:
-        interpreter.set_tensor(detail["index"], _to_tensor(sample[None], detail))
+        interpreter.set_tensor(detail["index"], to_tensor(sample[None], detail))
         interpreter.invoke()
         for index in indices:
             collected[index].append(interpreter.get_tensor(index).copy())

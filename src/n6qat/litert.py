@@ -61,15 +61,15 @@ def run_tflite(
         filled = len(chunk)
         if filled < batch:
             chunk = np.concatenate([chunk, np.zeros((batch - filled, *sample_shape), np.float32)])
-        interpreter.set_tensor(inp["index"], _to_tensor(chunk, inp))
+        interpreter.set_tensor(inp["index"], to_tensor(chunk, inp))
         interpreter.invoke()
-        results.append(_from_tensor(interpreter.get_tensor(out["index"]), out)[:filled])
+        results.append(from_tensor(interpreter.get_tensor(out["index"]), out)[:filled])
     if not results:
         return np.zeros((0, *(int(d) for d in out["shape"][1:])), np.float32)
     return np.concatenate(results)
 
 
-def _to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
+def to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
     """Float data in the input tensor's dtype: int8 quantized as TFLite does."""
     dtype = np.dtype(detail["dtype"])
     if dtype.kind == "f":
@@ -81,7 +81,7 @@ def _to_tensor(x: np.ndarray, detail: dict) -> np.ndarray:
     return np.clip(rounded + zero_point, info.min, info.max).astype(dtype)
 
 
-def _from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
+def from_tensor(y: np.ndarray, detail: dict) -> np.ndarray:
     """An output tensor's values as float32, int8 dequantized with its scale/zero point."""
     if np.dtype(detail["dtype"]).kind == "f":
         return y.astype(np.float32)
