@@ -277,10 +277,10 @@ def plot_weight_sqnr(tables: Mapping[str, pd.DataFrame]):
 def plot_layer_fidelity(tables: Mapping[str, pd.DataFrame]):
     """Cosine and SQNR (dB) of each int8 tensor against its float activation, along the graph.
 
-    `tables` maps a model ("ptq", "qat") to its `n6qat.layer_fidelity` table; x is the
-    tensor's position in execution order, labelled with the Keras layer it stands for.
-    Tensors without a float twin are left out of the lines; exact ones (inf dB) are drawn
-    at SQNR_CAP_DB.
+    `tables` maps a model ("qat" or its display name "QAT-INT8") to its
+    `n6qat.layer_fidelity` table; x is the tensor's position in execution order, labelled
+    with the Keras layer it stands for. Tensors without a float twin are left out of the
+    lines; exact ones (inf dB) are drawn at SQNR_CAP_DB.
     """
     longest = max(tables.values(), key=len)
     fig, (cos_ax, sqnr_ax) = new_figure(max(10.0, 0.36 * len(longest) + 3.0), 5.2, panels=2)
