@@ -94,10 +94,12 @@ def gate_checks(
                 f"fake-quantized weights and activations on the converter's calibration "
                 f"ranges) with output cosine {cosine:.4f} on {fidelity['samples']} validation "
                 f"chunks, below convert.min_simulation_cosine={settings.min_simulation_cosine}"
-                f" (top-1 agreement {100 * fidelity['top1_agreement']:.1f} %). The simulation "
-                "does not match what the converter builds: this is a bug to report with the "
-                "model, not a setting to tune; results/convert/*_layers.csv shows where the "
-                "tensors part."
+                f" (top-1 agreement {100 * fidelity['top1_agreement']:.1f} %). QAT trained on "
+                "a simulation that does not predict the deployed model: a simulation bug (one "
+                "tensor far off while its inputs agree), or rare 1-LSB rounding differences "
+                "that this model amplifies; `python benchmarks/simulation_divergence.py "
+                "<run folder> --seed <seed>` shows which, tensor by tensor. Report it with the "
+                "model."
             ),
         })
     for metric in settings.metrics:
