@@ -5,10 +5,11 @@ simulation (the twin with fake-quantized weights and activations, on the convert
 calibration ranges) computes? It should, to cosine >= 0.99; less is a bug in the
 simulation or the converter path, or rare 1-LSB rounding differences (float32
 accumulation in the twin, fixed-point requantization in the TFLite) that the model
-amplifies along the graph (benchmarks/simulation_divergence.py). Quality: what does a user lose by deploying the INT8
-model instead of the FP32 reference, in the metrics they read (file-level top-1, macro
-F1, cmAP, top-1 agreement), on the validation split? Losses are in metric points
-(percentage points; cmAP x 100). The float-vs-INT8 output cosine stays a diagnostic.
+amplifies along the graph (benchmarks/simulation_divergence.py). Quality: what does a
+user lose by deploying the INT8 model instead of the FP32 reference, in the metrics they
+read (file-level top-1, macro F1, cmAP, top-1 agreement), on the validation split?
+Losses are in metric points (percentage points; cmAP x 100). The float-vs-INT8 output
+cosine stays a diagnostic.
 """
 
 from __future__ import annotations
