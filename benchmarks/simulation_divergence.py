@@ -20,20 +20,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-
-def resolved_config(configfile: Path, seed: int) -> dict:
-    from snakemake.utils import validate
-
-    config = yaml.safe_load(configfile.read_text()) or {}
-    for section in ("split", "model", "qat", "convert"):
-        config.setdefault(section, {})["seed"] = seed
-    validate(config, schema=str(ROOT / "workflow/schemas/config.schema.yaml"))
-    return config
+from selection_rules import resolved_config  # noqa: E402 (the same seeded config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,7 @@ def run_until_killed(workdir: Path, stage: str, delay_range: float, rng: random.
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    # Not conftest's tiny_run: other tests rerun parts of that folder with other configs.
     workdir = tmp_path_factory.mktemp("uninterrupted")
     done = snakemake(workdir)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The models the workflow builds and compares: one list of names, one set of display names.
+"""The names the workflow shares: its models (one list, one set of display names), NPU steps.
 
 ``INT8_MODELS`` are the converted models (``results/model_<name>_int8.tflite``): PTQ from
 the pretrained model, QAT from the QAT model. ``EVAL_MODELS`` are the four models the
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 INT8_MODELS = ("ptq", "qat")
 EVAL_MODELS = ("fp32", "qat_fp32", "ptq_int8", "qat_int8")
+STEDGEAI_STEPS = ("analyze", "generate", "validate")
+"""The `stedgeai` steps the NPU stage can run (results/npu/stedgeai/<model>/<step>)."""
 
 SHORT_NAMES = dict(zip(EVAL_MODELS, ("FP32", "QAT-FP32", "PTQ-INT8", "QAT-INT8"), strict=True))
 LONG_NAMES = dict(zip(EVAL_MODELS, (

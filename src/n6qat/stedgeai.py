@@ -24,13 +24,13 @@ import numpy as np
 
 from n6qat.atomic import write_text
 from n6qat.errors import N6QATError
+from n6qat.names import STEDGEAI_STEPS as STEPS
 from n6qat.stedgeai_reports import error_lines, parse_version
 from n6qat.tool_output import last_lines
 from n6qat.validation_npz import load_validation_npz
 
 log = logging.getLogger(__name__)
 
-STEPS = ("analyze", "generate", "validate")
 RERUN_HINT = (
     "once stedgeai is installed, re-run with --forcerun npu_stedgeai "
     "(or delete results/npu/stedgeai)"

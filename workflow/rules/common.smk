@@ -11,6 +11,7 @@ PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
 from n6qat.config import coerce_config, config_errors, input_path_errors
 from n6qat.names import EVAL_MODELS, INT8_MODELS, short_name
+from n6qat.names import STEDGEAI_STEPS as ALL_STEDGEAI_STEPS
 from n6qat.sidecar import read_sidecar, sidecar_path
 
 CONFIG_SCHEMA = "../schemas/config.schema.yaml"

@@ -2,9 +2,6 @@
 # Whether stedgeai exists is decided inside the step scripts, so the jobs are the same
 # with or without it; without it each step records {"available": false}.
 
-
-from n6qat.stedgeai import STEPS
-
 # The stedgeai steps each model's report reads: validate only with a board attached.
 STEDGEAI_STEPS = ["analyze", "generate"]
 if config["stedgeai"]["board"]:
@@ -51,7 +48,7 @@ rule npu_stedgeai:
     benchmark:
         "benchmarks/runs/npu_stedgeai_{step}_{model}.tsv"
     wildcard_constraints:
-        step="|".join(STEPS),
+        step="|".join(ALL_STEDGEAI_STEPS),
     conda:
         "../../envs/tf.yaml"
     threads: 1
