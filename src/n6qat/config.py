@@ -58,11 +58,11 @@ def _schema(path: str) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def config_errors(config: dict, schema_path: str | Path) -> list[str]:
+def config_errors(config: dict, schema_path: str | Path = SCHEMA_PATH) -> list[str]:
     """Every schema violation in ``config`` as one line naming the dotted key."""
     import jsonschema
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = _schema(str(schema_path))
     validator = jsonschema.Draft202012Validator(schema)
     lines = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path)):
@@ -82,13 +82,13 @@ def config_errors(config: dict, schema_path: str | Path) -> list[str]:
     return lines
 
 
-def coerce_config(config: dict, schema_path: str | Path) -> dict:
+def coerce_config(config: dict, schema_path: str | Path = SCHEMA_PATH) -> dict:
     """Parse string leaves where the schema wants numbers or booleans, in place.
 
     ``snakemake --config 'qat={"epochs": 20}'`` delivers nested values as strings;
     ``"20"`` becomes 20 here so that command-line overrides validate like the file does.
     """
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = _schema(str(schema_path))
     _coerce(config, schema)
     return config
 

@@ -9,17 +9,16 @@ from snakemake.utils import validate
 # Scripts import the n6qat package from this checkout, also inside --sdm conda envs.
 PACKAGE_SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, PACKAGE_SRC)
-from n6qat.config import coerce_config, config_errors, input_path_errors
+from n6qat.config import SCHEMA_PATH, coerce_config, config_errors, input_path_errors
 from n6qat.names import EVAL_MODELS, INT8_MODELS, short_name
 from n6qat.names import STEDGEAI_STEPS as ALL_STEDGEAI_STEPS
 from n6qat.sidecar import read_sidecar, sidecar_path
 
-CONFIG_SCHEMA = "../schemas/config.schema.yaml"
-coerce_config(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
-_problems = config_errors(config, Path(workflow.current_basedir) / CONFIG_SCHEMA)
+coerce_config(config)
+_problems = config_errors(config)
 if _problems:
     raise WorkflowError("invalid configuration:\n  " + "\n  ".join(_problems))
-validate(config, schema=CONFIG_SCHEMA)  # fills in the defaults
+validate(config, schema=str(SCHEMA_PATH))  # fills in the defaults
 os.environ.update(
     PYTHONPATH=os.pathsep.join(
         filter(None, [PACKAGE_SRC, os.environ.get("PYTHONPATH")])
