@@ -40,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = resolved_config(args.configfile, args.seed)
     configure_runtime(config["compute"]["threads"], args.seed)
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
     from n6qat.convert import calibration_set, convert_int8
     from n6qat.fake_quant import ActivationRange
     from n6qat.int8_twin import simulated_int8, twin_layers
+    from n6qat.litert import load_interpreter
     from n6qat.model import load_model
 
     results = args.folder / "results"
@@ -65,12 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         seen[self.name] = np.asarray(out)
         return out
 
-    interpreter = Interpreter(
-        model_content=convert_int8(model, calibration, config["convert"]["per_channel"]),
-        experimental_preserve_all_tensors=True,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+    interpreter = load_interpreter(  # the kernels the gate runs
+        convert_int8(model, calibration, config["convert"]["per_channel"]),
+        preserve_all_tensors=True,
     )
-    interpreter.allocate_tensors()
     tensors = [d for d in interpreter.get_tensor_details() if d["dtype"] == np.int8]
     source = interpreter.get_input_details()[0]["index"]
 

@@ -134,6 +134,18 @@ def test_run_tflite_reads_a_path_like_bytes(tmp_path, trained, converted):
         run_tflite(path, x_test[:, :16])
 
 
+def test_run_tflite_kernel_sets(trained, converted):
+    """The built-in kernels (every score's) follow the reference kernels; XNNPACK is there."""
+    *_, x_test, _, _ = trained
+    builtin = run_tflite(converted[0], x_test)
+    assert agreement(run_tflite(converted[0], x_test, kernels="reference"), builtin)[
+        "cosine"
+    ] > 0.999
+    assert run_tflite(converted[0], x_test[:3], kernels="xnnpack").shape == builtin[:3].shape
+    with pytest.raises(N6QATError, match="unknown TFLite kernels 'gpu'"):
+        run_tflite(converted[0], x_test[:3], kernels="gpu")
+
+
 def test_per_tensor_option_gives_one_scale(trained):
     model, calibration, *_ = trained
     info = read_tflite(convert_int8(model, calibration[:16], per_channel=False))

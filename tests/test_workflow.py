@@ -45,6 +45,7 @@ def test_int8_models_are_clean_and_agree(run):
         assert int8_problems(info) == []
         report = json.loads((run / f"results/convert/{model}.json").read_text())
         assert report["simulation_fidelity"]["cosine"] >= 0.99  # the TFLite is the simulation
+        assert report["host_runtime_spread"]["samples"] == report["simulation_fidelity"]["samples"]
         assert report["gate"]["passed"] and report["gate"]["checks"]
         assert report["quality"]["int8"]["files"] == report["quality"]["fp32"]["files"] > 0
         val = np.load(run / f"results/model_{model}_int8_validation.npz")

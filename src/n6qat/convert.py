@@ -258,7 +258,8 @@ def convert_and_check(
     if problems:
         raise N6QATError(f"the {name} INT8 model is not pure INT8:\n  " + "\n  ".join(problems))
     x_all = np.asarray(x_val, dtype=np.float32)
-    int8_scores = run_tflite(tflite_bytes, x_all)
+    int8_scores = run_tflite(tflite_bytes, x_all)  # TFLite's built-in int8 kernels
+    xnnpack_scores = run_tflite(tflite_bytes, x_all, kernels="xnnpack")
     fp32_scores = np.asarray(reference.predict(x_all, batch_size=256, verbose=0), np.float32)
     float_scores = (
         fp32_scores if reference is model
@@ -287,6 +288,9 @@ def convert_and_check(
         "per_channel": settings["per_channel"],
         "agreement": agreement(float_scores[pick], int8_scores[pick]),
         "simulation_fidelity": fidelity,
+        # Diagnostic: LiteRT's default XNNPACK int8 kernels against the built-in ones that
+        # every score here uses (n6qat.litert); a runtime using XNNPACK differs this much.
+        "host_runtime_spread": {**agreement(int8_scores, xnnpack_scores), "samples": len(x_all)},
         "quality": measured,
         "gate": {
             "gated": gated, "passed": not failures(checks),

@@ -162,10 +162,9 @@ def host_latency_ms(tflite_path: str, x: np.ndarray, runs: int, num_threads: int
     """Per-chunk host inference time of a TFLite model: median and p95 in milliseconds."""
     import time
 
-    from ai_edge_litert.interpreter import Interpreter
+    from n6qat.litert import load_interpreter
 
-    interpreter = Interpreter(model_path=str(tflite_path), num_threads=num_threads)
-    interpreter.allocate_tensors()
+    interpreter = load_interpreter(tflite_path, num_threads)  # the kernels that score it
     detail = interpreter.get_input_details()[0]
     times = []
     for i in range(runs + 3):

@@ -16,7 +16,6 @@ the scopes are read from a trace of the model, not guessed from the layer names.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -348,23 +347,9 @@ def _run_int8(
     num_threads: int,
 ) -> dict[int, np.ndarray]:  # fmt: skip
     """Tensor index -> its int8 values for every sample, stacked: (N, *tensor shape)."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from n6qat.litert import load_interpreter, to_tensor  # run_tflite's kernels and rounding
 
-    from n6qat.litert import to_tensor  # the float -> int8 input rounding run_tflite uses
-
-    source = {"model_content": tflite} if isinstance(tflite, bytes) else {"model_path": str(tflite)}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
-        try:
-            interpreter = Interpreter(
-                **source,
-                num_threads=num_threads,
-                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-                experimental_preserve_all_tensors=True,
-            )
-            interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as err:
-            raise N6QATError(f"LiteRT cannot load TFLite model {info.source}: {err}") from err
+    interpreter = load_interpreter(tflite, num_threads, preserve_all_tensors=True)
     detail = interpreter.get_input_details()[0]
     collected: dict[int, list[np.ndarray]] = {index: [] for index in indices}
     for sample in x:
