@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,10 @@ def snakemake(workdir: Path, configfile: Path, cores: int, *args: str):
         "--directory", str(workdir), "--configfile", str(configfile), "--cores", str(cores),
         *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True)
+    # This checkout's package, not the one the venv's editable install points at.
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
 def demo_trees(workdir: Path, configfile: Path, cores: int) -> dict[str, str]:
