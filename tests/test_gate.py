@@ -76,9 +76,10 @@ def test_gate_table_has_one_column_per_model():
                              measured, GateSettings())
         reports[name] = {
             "quality": measured, "simulation_fidelity": {"cosine": 0.995},
-            "agreement": {"cosine": 0.97},
+            "agreement": {"cosine": 0.97}, "host_runtime_spread": {"cosine": 0.98},
             "gate": {"gated": name == "qat", "passed": not failures(checks), "checks": checks},
         }
     table = gate_table(reports)
     assert list(table.columns) == ["ptq", "qat"]
     assert table.loc["file-level top-1: loss vs FP32 (points)", "qat"] == pytest.approx(10.0)
+    assert table.loc["output cosine, XNNPACK vs built-in kernels (diagnostic)", "ptq"] == 0.98
