@@ -37,8 +37,8 @@ def test_unknown_key_and_wrong_type_are_named():
     assert any("'qat.epocs' is unknown" in p for p in problems)
     assert any("'features.n_fft'" in p and "integer" in p for p in problems)
     assert config_errors({"typo": 1}, SCHEMA) == [
-        "config key 'typo' is unknown (known here: compute, convert, data, evaluate, features, "
-        "model, npu, qat, split, stedgeai)"
+        "config key 'typo' is unknown (known here: compute, convert, data, equalize, evaluate, "
+        "features, model, npu, qat, split, stedgeai)"
     ]
 
 

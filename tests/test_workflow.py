@@ -111,6 +111,24 @@ def test_feature_params_rerun_features_and_qat_params_do_not(run):
     assert "extract_features" in feature_change.stdout and "pretrain" in feature_change.stdout
 
 
+def test_equalize_mode_feeds_ptq_and_qat_the_equalized_model(run):
+    from n6qat.model import load_model
+
+    equalize = ("--config", 'equalize={"mode": "bounded"}')
+    plan = snakemake(run, "-n", *equalize)
+    for rule in ("equalize", "convert_int8", "qat"):
+        assert f"rule {rule}:" in plan.stdout
+    assert "rule pretrain:" not in plan.stdout
+    made = snakemake(run, *equalize, "results/model/equalized.keras")  # adds files only
+    assert made.returncode == 0, made.stderr[-2000:]
+    table = pd.read_csv(run / "results/model/equalization.csv")
+    assert len(table) and set(table["mode"]) == {"bounded"}
+    x = np.load(run / "results/features/val.npy")[:16].astype(np.float32)
+    before = load_model(run / "results/model/pretrained.keras").predict(x, verbose=0)
+    after = load_model(run / "results/model/equalized.keras").predict(x, verbose=0)
+    np.testing.assert_allclose(after, before, atol=1e-4)  # bounded rescaling is exact
+
+
 def test_killed_qat_run_resumes_and_keeps_the_best_epoch_across_the_kill(run):
     """Hard-kill the QAT job after its second epoch; the rerun resumes there, and keeps the
     same epoch and the same weights as an uninterrupted run."""

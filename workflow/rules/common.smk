@@ -106,9 +106,16 @@ def pretrained_checkpoint():
     return config["model"]["pretrained"] or "results/model/fp32_trained.keras"
 
 
+def quantization_start():
+    """The float model PTQ converts and QAT starts from: pretrained, or its equalized copy."""
+    if config["equalize"]["mode"] == "off":
+        return "results/model/pretrained.keras"
+    return "results/model/equalized.keras"
+
+
 def keras_model_for(wildcards):
-    """The float model an INT8 model is converted from: PTQ from pretrained, QAT from qat."""
-    return {"ptq": "results/model/pretrained.keras", "qat": "results/model/qat.keras"}[
+    """The float model an INT8 model is converted from: PTQ's start model, QAT's result."""
+    return {"ptq": quantization_start(), "qat": "results/model/qat.keras"}[
         wildcards.model
     ]
 

@@ -59,9 +59,35 @@ rule prepare_pretrained:
         "../scripts/prepare_pretrained.py"
 
 
-rule qat:
+rule equalize:
     input:
         model="results/model/pretrained.keras",
+        train="results/features/train.npy",
+        train_chunks="results/features/train_chunks.csv",
+    output:
+        model="results/model/equalized.keras",
+        table="results/model/equalization.csv",
+    log:
+        "logs/equalize.log",
+    benchmark:
+        "benchmarks/runs/equalize.tsv"
+    conda:
+        "../../envs/tf.yaml"
+    threads: TF_THREADS
+    resources:
+        mem_mb=3000,
+        runtime=15,
+    params:
+        mode=config["equalize"]["mode"],
+        calibration=config["convert"],
+        threads=TF_THREADS,
+    script:
+        "../scripts/equalize.py"
+
+
+rule qat:
+    input:
+        model=quantization_start(),
         train="results/features/train.npy",
         train_chunks="results/features/train_chunks.csv",
         val="results/features/val.npy",
