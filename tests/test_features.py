@@ -93,3 +93,19 @@ def test_extract_features_writes_memmappable_cache(tmp_path):
     again = extract_features(files, {"train": tmp_path}, ["a", "b"], SMALL, out,
                              tmp_path / "train_chunks.csv", workers=1)
     assert np.array_equal(load_features(out), feats) and again.equals(table)
+
+
+def test_log_and_pcen_compressions():
+    from n6qat.features import PCEN_ALPHA, PCEN_DELTA, PCEN_POWER, scale_magnitude
+
+    x = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(1, 8, 8)
+    logged = scale_magnitude(x, "log")
+    assert logged.dtype == np.float32 and logged.min() == 0.0
+    assert logged.max() == pytest.approx(1.0) and np.all(np.diff(logged.ravel()) > 0)
+    steady = np.full((1, 4, 50), 0.2, dtype=np.float32)  # stationary: one gain everywhere
+    expected = (0.2 / 0.2**PCEN_ALPHA + PCEN_DELTA) ** PCEN_POWER - PCEN_DELTA**PCEN_POWER
+    np.testing.assert_allclose(scale_magnitude(steady, "pcen"), expected, rtol=1e-4)
+    onset = steady.copy()
+    onset[..., 25] = 2.0  # a sudden call stands out against the smoothed background
+    out = scale_magnitude(onset, "pcen")
+    assert out[0, 0, 25] > 5 * out[0, 0, 24]

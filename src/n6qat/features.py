@@ -25,7 +25,18 @@ from n6qat.errors import N6QATError
 log = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("linear", "mel")
-MAGNITUDE_SCALES = ("none", "sqrt", "db", "pwl")
+MAGNITUDE_SCALES = ("none", "sqrt", "log", "db", "pcen", "pwl")
+
+LOG_OFFSET = 1e-3
+"""``log``: log(1 + x / LOG_OFFSET) / log(1 + 1 / LOG_OFFSET), so [0, 1] maps onto [0, 1]."""
+
+# ``pcen``: per-channel energy normalization (Wang et al., 2017) with a first-order IIR
+# smoother along frames; defaults chosen for peak-normalised magnitudes in [0, 1].
+PCEN_SMOOTHING = 0.025
+PCEN_ALPHA = 0.98
+PCEN_DELTA = 2.0
+PCEN_POWER = 0.5
+PCEN_EPS = 1e-6
 NORMALIZATIONS = ("peak", "minmax")
 
 # BirdNET-STM32's offline magnitude curve on min-max scaled magnitudes: knots and slopes.
@@ -188,10 +199,21 @@ def mel_basis(settings: FeatureSettings) -> np.ndarray:
 
 
 def scale_magnitude(spec: np.ndarray, scale: str) -> np.ndarray:
-    """Compress magnitudes (n, bins, frames): none, square root, decibels mapped to [0, 1]
-    over 80 dB, or pwl: BirdNET-STM32's piecewise-linear curve on min-max scaled values."""
+    """Compress magnitudes (n, bins, frames): none, square root, log with an offset
+    (``LOG_OFFSET``), decibels mapped to [0, 1] over 80 dB, pcen (``pcen``), or pwl:
+    BirdNET-STM32's piecewise-linear curve on min-max scaled values.
+
+    Firmware cost per value on a Cortex-M55 with FPU (estimates, not measured on the
+    board): sqrt one VSQRT; log and db one logf (a polynomial approximation); pcen two
+    multiply-adds for the smoother plus a powf and a sqrtf (``PCEN_POWER`` 0.5); pwl a
+    few compare/multiply-adds.
+    """
     if scale == "sqrt":
         return np.sqrt(spec)
+    if scale == "log":
+        return (np.log1p(spec / LOG_OFFSET) / np.log1p(1.0 / LOG_OFFSET)).astype(np.float32)
+    if scale == "pcen":
+        return pcen(spec)
     if scale == "db":
         db = 20.0 * np.log10(np.maximum(spec, 1e-4))
         return np.clip((db + 80.0) / 80.0, 0.0, 1.0).astype(np.float32)
@@ -202,6 +224,22 @@ def scale_magnitude(spec: np.ndarray, scale: str) -> np.ndarray:
             out = out + slope * np.maximum(x - knot, 0.0)
         return out.astype(np.float32)
     return spec
+
+
+def pcen(spec: np.ndarray) -> np.ndarray:
+    """Per-channel energy normalization of (n, bins, frames) magnitudes along the frames.
+
+    M_t = (1 - s) M_{t-1} + s E_t with M_0 = E_0 (a streaming smoother the firmware keeps
+    per bin), then (E / (eps + M)^alpha + delta)^r - delta^r: an automatic gain per
+    frequency bin that flattens stationary background and keeps onsets.
+    """
+    spec = np.asarray(spec, dtype=np.float32)
+    smooth = np.empty_like(spec)
+    smooth[..., 0] = spec[..., 0]
+    for t in range(1, spec.shape[-1]):
+        smooth[..., t] = (1.0 - PCEN_SMOOTHING) * smooth[..., t - 1] + PCEN_SMOOTHING * spec[..., t]
+    gain = spec / (PCEN_EPS + smooth) ** PCEN_ALPHA
+    return ((gain + PCEN_DELTA) ** PCEN_POWER - PCEN_DELTA**PCEN_POWER).astype(np.float32)
 
 
 def minmax_scale(spec: np.ndarray) -> np.ndarray:
