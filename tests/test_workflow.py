@@ -119,7 +119,7 @@ def test_equalize_mode_feeds_ptq_and_qat_the_equalized_model(run):
     for rule in ("equalize", "convert_int8", "qat"):
         assert f"rule {rule}:" in plan.stdout
     assert "rule pretrain:" not in plan.stdout
-    made = snakemake(run, *equalize, "results/model/equalized.keras")  # adds files only
+    made = snakemake(run, "results/model/equalized.keras", *equalize)  # adds files only
     assert made.returncode == 0, made.stderr[-2000:]
     table = pd.read_csv(run / "results/model/equalization.csv")
     assert len(table) and set(table["mode"]) == {"bounded"}
