@@ -147,7 +147,13 @@ TOP1, CMAP = "val_int8_file_top1", "val_int8_file_cmap"
 
 
 def rule_current(h: pd.DataFrame) -> int:
-    """Today's rule: best val top-1 (cmAP breaks ties) among epochs losing neither to epoch 0."""
+    """Today's rule: best val top-1 (cmAP breaks ties) among epochs losing neither to epoch 0
+    and beating its top-1 (by at least one validation file)."""
+    return rule_margin(1)(h)
+
+
+def rule_guard_only(h: pd.DataFrame) -> int:
+    """The earlier rule: a tie with epoch 0 on top-1 may replace it (by a better cmAP)."""
     return best(guarded(h, (TOP1, CMAP)), [TOP1, CMAP], [False, False])
 
 
@@ -191,7 +197,8 @@ def rule_last(h: pd.DataFrame) -> int:
 
 
 RULES = {
-    "current (top-1, cmAP ties)": rule_current,
+    "current (top-1, cmAP ties, beat epoch 0)": rule_current,
+    "earlier (ties with epoch 0 may win)": rule_guard_only,
     "margin 2 files": rule_margin(2),
     "margin 3 files": rule_margin(3),
     "cmAP first": rule_cmap,

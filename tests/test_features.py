@@ -95,6 +95,23 @@ def test_extract_features_writes_memmappable_cache(tmp_path):
     assert np.array_equal(load_features(out), feats) and again.equals(table)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 7, 40])
+@pytest.mark.parametrize("row_shape", [(3, 2, 1), (257, 256, 1)])
+def test_streamed_npy_is_byte_for_byte_np_save(tmp_path, rows, row_shape, monkeypatch):
+    """Rows written block by block give np.save's file, with the reserved header the
+    right size (written in place) and too big (the data moved up behind it)."""
+    from n6qat import features
+
+    data = np.random.default_rng(rows).normal(size=(rows, *row_shape)).astype(np.float16)
+    np.save(tmp_path / "ref.npy", data)
+    for reserved in (10**12, 10**70):
+        monkeypatch.setattr(features._NpyRows, "RESERVED_ROWS", reserved)
+        with features._NpyRows(tmp_path / "out.npy", row_shape) as out:
+            for block in np.array_split(data, 3):
+                out.append(block)
+        assert (tmp_path / "out.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+
+
 def test_log_and_pcen_compressions():
     from n6qat.features import PCEN_ALPHA, PCEN_DELTA, PCEN_POWER, scale_magnitude
 

@@ -71,6 +71,30 @@ def test_selection_key_prefers_the_best_and_treats_nan_as_worst():
     assert low.key({"val_loss": 0.1}) > low.key({"val_loss": 0.2})
 
 
+def test_an_improve_metric_must_strictly_beat_epoch_zero():
+    rule = fit.Selection("top1", "max", tie_break="cmap", guard=("top1", "cmap"), improve="top1")
+    start = {"epoch": 0, "top1": 0.8, "cmap": 0.5}
+    assert rule.admits(start, start)  # epoch 0 itself
+    assert not rule.admits({"top1": 0.8, "cmap": 0.9}, start)  # a tie keeps epoch 0
+    assert not rule.admits({"top1": 0.9, "cmap": 0.4}, start)  # loses the guard
+    assert rule.admits({"top1": 0.9, "cmap": 0.5}, start)
+    assert rule.admits({"top1": 0.1, "cmap": 0.1}, None)  # no epoch 0: no guard
+
+
+def test_a_tie_with_epoch_zero_keeps_the_starting_weights(tmp_path):
+    model = _model()
+    start = model.get_weights()
+    scores = iter([{"s": 0.5, "t": 0.1}, {"s": 0.5, "t": 0.9}, {"s": 0.4, "t": 0.9}])
+    result = fit.fit_epochs(
+        model, model, _batches(), None, 2, tmp_path / "ck",
+        fit.Selection("s", "max", tie_break="t", guard=("s",), improve="s"), seed=5,
+        score=lambda: next(scores), score_initial=True,
+    )
+    assert result.best_epoch == 0
+    for a, b in zip(model.get_weights(), start, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 class _Killed(Exception):
     pass
 

@@ -8,9 +8,13 @@ mel spectrogram is available as ``kind="mel"``.
 
 from __future__ import annotations
 
+import io
+import itertools
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -301,19 +305,19 @@ def extract_features(
         for row in files.itertuples()
     ]
     started = time.perf_counter()
-    results = _run_jobs(jobs, workers)
-    arrays, rows = [], []
-    for row, (feats, starts, energy) in zip(files.itertuples(), results, strict=True):
-        target = -1 if row.negative else label_index[row.label]
-        for start, level in zip(starts, energy, strict=True):
-            rows.append((row.path, row.source, row.label, target, float(start), float(level)))
-        arrays.append(feats.astype(np.float16))
+    rows = []
+    with atomic_path(out_npy) as tmp, _NpyRows(tmp, settings.input_shape) as out:
+        for row, (feats, starts, energy) in zip(
+            files.itertuples(), _run_jobs(jobs, workers), strict=True
+        ):
+            target = -1 if row.negative else label_index[row.label]
+            for start, level in zip(starts, energy, strict=True):
+                rows.append((row.path, row.source, row.label, target, float(start), float(level)))
+            out.append(feats)
     table = pd.DataFrame(
         rows, columns=["path", "source", "label", "label_index", "start", "energy"]
     )
     table["row"] = np.arange(len(table))
-    shape = (len(table), *settings.input_shape)
-    _write_npy(out_npy, arrays, shape)
     with atomic_path(out_chunks) as tmp:
         table.to_csv(tmp, index=False)
     elapsed = time.perf_counter() - started
@@ -325,22 +329,85 @@ def extract_features(
     return table
 
 
-def _run_jobs(jobs: list, workers: int) -> list:
+JOBS_AHEAD = 8
+"""Files each worker may have computed ahead of the writer (bounds memory)."""
+
+
+def _run_jobs(jobs: list, workers: int) -> Iterator:
+    """Every job's result, in order, computed at most ``JOBS_AHEAD`` per worker ahead."""
     if workers <= 1 or len(jobs) < 2:
-        return [_file_job(job) for job in jobs]
+        yield from map(_file_job, jobs)
+        return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_file_job, jobs, chunksize=4))
+        pending: deque = deque()
+        todo = iter(jobs)
+        for job in itertools.islice(todo, workers * JOBS_AHEAD):
+            pending.append(pool.submit(_file_job, job))
+        while pending:
+            result = pending.popleft().result()
+            for job in itertools.islice(todo, 1):
+                pending.append(pool.submit(_file_job, job))
+            yield result
 
 
-def _write_npy(path: Path, arrays: list[np.ndarray], shape: tuple[int, ...]) -> None:
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        pos = 0
-        for block in arrays:
-            out[pos : pos + len(block)] = block
-            pos += len(block)
-        out.flush()
-        del out
+class _NpyRows:
+    """A float16 ``.npy`` written one block of rows at a time: nothing is held in memory.
+
+    The row count is known only at the end, so the data goes after room for a header
+    with a 12-digit count; the real header is then written in front. When that header is
+    shorter (``.npy`` headers are padded to 64 bytes), the data is moved up once. The
+    file is byte-for-byte what ``np.save`` writes for the same array.
+    """
+
+    RESERVED_ROWS = 10**12
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...]):
+        self.path, self.row_shape, self.rows = Path(path), tuple(row_shape), 0
+        self.offset = len(self._header(self.RESERVED_ROWS))
+
+    def _header(self, rows: int) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+            "fortran_order": False, "shape": (rows, *self.row_shape),
+        })  # fmt: skip
+        return buffer.getvalue()
+
+    def __enter__(self) -> _NpyRows:
+        self.file = open(self.path, "w+b")  # noqa: SIM115 (closed in __exit__)
+        self.file.seek(self.offset)
+        return self
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float16)
+        if block.shape[1:] != self.row_shape:
+            raise N6QATError(f"feature block {block.shape[1:]} is not {self.row_shape}")
+        self.file.write(block.tobytes())
+        self.rows += len(block)
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self._finish()
+        finally:
+            self.file.close()
+
+    def _finish(self) -> None:
+        header = self._header(self.rows)
+        size = self.rows * int(np.prod(self.row_shape, dtype=np.int64)) * 2
+        if len(header) != self.offset:  # move the data up behind the shorter header
+            read, write = self.offset, len(header)
+            while read < self.offset + size:
+                self.file.seek(read)
+                block = self.file.read(min(1 << 24, self.offset + size - read))
+                self.file.seek(write)
+                self.file.write(block)
+                read, write = read + len(block), write + len(block)
+            self.file.truncate(len(header) + size)
+        self.file.seek(0)
+        self.file.write(header)
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
 
 def load_features(npy: Path) -> np.ndarray:

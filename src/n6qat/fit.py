@@ -40,21 +40,28 @@ class Selection:
     """Which epoch's weights are kept: the best ``monitor`` value (ties: ``tie_break``).
 
     ``guard``: metrics (larger is better) that an epoch must not lose against epoch 0,
-    the starting weights, to be kept at all. ``patience``: stop after this many epochs
-    without a new best (None: never stop early), but never before ``min_epochs``.
+    the starting weights, to be kept at all. ``improve``: a metric (larger is better)
+    that an epoch must strictly beat epoch 0 on, so that a tie keeps the starting
+    weights (epoch 0 is then only replaced by a measured gain). ``patience``: stop after
+    this many epochs without a new best (None: never stop early), but never before ``min_epochs``.
     """
 
     monitor: str = "val_loss"
     mode: str = "min"
     tie_break: str | None = None
     guard: tuple[str, ...] = ()
+    improve: str | None = None
     patience: int | None = None
     min_epochs: int = 0
 
     def admits(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
         """Whether the guard lets ``logs``'s epoch be kept (always, without epoch 0)."""
-        if start is None:
+        if start is None or logs is start:
             return True
+        if self.improve and not logs.get(self.improve, -math.inf) > start.get(
+            self.improve, -math.inf
+        ):
+            return False
         return all(logs.get(m, -math.inf) >= start.get(m, -math.inf) for m in self.guard)
 
     def key(self, logs: dict[str, float]) -> tuple[float, float]:

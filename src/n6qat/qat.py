@@ -38,9 +38,10 @@ CALIBRATION_BATCHES = 8
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 SELECTIONS = ("int8_file_top1", "int8_file_cmap", "last")
-"""How QAT picks the epoch it keeps: the INT8 simulation's validation file top-1 or
-cmAP (each breaking the other's ties; epoch 0, the starting weights, competes too), or
-simply the last epoch."""
+"""How QAT picks the epoch it keeps: the INT8 model's validation file top-1 or cmAP
+(each breaking the other's ties), or simply the last epoch. Epoch 0, the starting
+weights, competes too: a later epoch must lose neither metric to it and strictly beat
+it on the first, so a tie on the first keeps the PTQ-equivalent starting weights."""
 
 SELECT_WITH = ("tflite", "simulation")
 """What scores an epoch for the selection: its converted full-INT8 TFLite (what is
@@ -173,7 +174,7 @@ def _selection(settings: QATSettings, scored: bool, validated: bool):
     first, second = (f"val_{source}_file_top1", f"val_{source}_file_cmap")
     if settings.selection == "int8_file_cmap":
         first, second = second, first
-    return Selection(first, "max", tie_break=second, guard=(first, second))
+    return Selection(first, "max", tie_break=second, guard=(first, second), improve=first)
 
 
 def distilled(batches, teacher: keras.Model, weight: float):
