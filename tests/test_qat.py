@@ -527,3 +527,40 @@ def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, s
     metrics = validation_metrics(scores, chunks, labels)
     assert metrics["file_top1"] == best[top1]
     assert metrics["file_cmap"] == pytest.approx(best[cmap], abs=1e-6)
+
+
+def test_fused_relu_quantizer_is_bit_identical_forward_and_the_relu_chain_backward():
+    """Where a ReLU6's output grid starts at 0 the twin skips the ReLU (the grid clamps
+    the same): outputs bit-identical to ReLU then fake-quant, in training and inference,
+    and gradients equal to the chain's (which differ only at inputs exactly on the
+    grid's top)."""
+    model = _tiny_model()
+    x = tf.constant(np.random.default_rng(5).normal(size=(16, 8, 8, 1)).astype(np.float32))
+    y = tf.constant((np.random.default_rng(6).uniform(size=(16, 3)) < 0.4).astype(np.float32))
+    twins = []
+    for fused in (True, False):
+        twin = int8_twin.build_qat_model(model, simulate_activations=True)
+        int8_twin.calibrate_activation_ranges(twin, [x])
+        outputs = [
+            q for q in int8_twin.twin_layers(twin) if isinstance(q, fake_quant.QuantizedOutput)
+        ]
+        assert any(q.relu_cap == 6.0 for q in outputs)
+        if not fused:
+            for q in outputs:
+                q.relu_cap = None
+        for q in int8_twin.twin_layers(twin):
+            if isinstance(q, fake_quant.ActivationRange):
+                q.tracking = False
+        twins.append(twin)
+
+    def step(twin):
+        with tf.GradientTape() as tape:
+            out = twin(x, training=True)
+            loss = keras.losses.binary_crossentropy(y, out)
+        return out, tape.gradient(loss, model.trainable_variables)
+
+    (out_a, grads_a), (out_b, grads_b) = step(twins[0]), step(twins[1])
+    np.testing.assert_array_equal(out_a.numpy(), out_b.numpy())
+    np.testing.assert_array_equal(twins[0](x).numpy(), twins[1](x).numpy())
+    for a, b in zip(grads_a, grads_b, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)

@@ -76,6 +76,65 @@ def fake_quantize_weights(kernel, channel_axis: int | None):
     return quantized + (kernel - ops.stop_gradient(kernel))
 
 
+def _nudged_range(range_min, range_max):
+    """The range TF's FakeQuantWithMinMaxVars quantizes on: 0 made exactly representable
+    (8 bits, wide range), as TFLite's asymmetric int8 does."""
+    scale = (range_max - range_min) / 255.0
+    zero_point = ops.clip(_round_half_away_from_zero(0.0 - range_min / scale), 0.0, 255.0)
+    return (0.0 - zero_point) * scale, (255.0 - zero_point) * scale
+
+
+def fake_quantize_activations(inputs, range_min, range_max):
+    """``inputs`` on the per-tensor asymmetric int8 grid of [range_min, range_max].
+
+    Forward: TF's ``fake_quant_with_min_max_vars`` (bit-exact, range nudged so 0 is a
+    level). Backward: its gradient for the inputs (straight through inside the nudged
+    range, 0 outside) without the gradients for the range, which TF's op always computes
+    (two full-tensor reductions per quantizer) and QAT never uses: the ranges are not
+    trained, they are calibrated or tracked.
+    """
+    low = ops.convert_to_tensor(range_min)
+    high = ops.convert_to_tensor(range_max)
+
+    @tf.custom_gradient
+    def quantize(x, low, high):
+        y = tf.quantization.fake_quant_with_min_max_vars(
+            x, low, high, num_bits=8, narrow_range=False
+        )
+
+        def grad(upstream):
+            nudged_low, nudged_high = _nudged_range(low, high)
+            inside = ops.logical_and(x >= nudged_low, x <= nudged_high)
+            dx = upstream * ops.cast(inside, upstream.dtype)
+            return dx, ops.zeros_like(low), ops.zeros_like(high)
+
+        return y, grad
+
+    return quantize(inputs, low, high)
+
+
+def _fake_quantize_from_zero(inputs, range_min, range_max, nudged_high):
+    """``fake_quantize_activations`` on a grid whose nudged range is [0, nudged_high],
+    with the gradient of a ReLU before it: straight through on 0 < x < nudged_high, in
+    one fused pass (ReLU6's gradient kernel on x rescaled so that nudged_high is 6)."""
+    low = ops.convert_to_tensor(range_min)
+    high = ops.convert_to_tensor(range_max)
+
+    @tf.custom_gradient
+    def quantize(x, low, high, nudged_high):
+        y = tf.quantization.fake_quant_with_min_max_vars(
+            x, low, high, num_bits=8, narrow_range=False
+        )
+
+        def grad(upstream):
+            dx = tf.raw_ops.Relu6Grad(gradients=upstream, features=x * (6.0 / nudged_high))
+            return dx, ops.zeros_like(low), ops.zeros_like(high), ops.zeros_like(nudged_high)
+
+        return y, grad
+
+    return quantize(inputs, low, high, nudged_high)
+
+
 class ActivationRange(keras.layers.Layer):
     """Fake-quantizes a tensor to per-tensor asymmetric int8 on a tracked range.
 
@@ -99,8 +158,9 @@ class ActivationRange(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
-        batch_min = ops.minimum(ops.min(inputs), 0.0)
-        batch_max = ops.maximum(ops.max(inputs), 0.0)
+        if self.calibrating or (training and self.tracking):
+            batch_min = ops.minimum(ops.min(inputs), 0.0)
+            batch_max = ops.maximum(ops.max(inputs), 0.0)
         if self.calibrating:
             self.range_min.assign(ops.minimum(self.range_min, batch_min))
             self.range_max.assign(ops.maximum(self.range_max, batch_max))
@@ -109,13 +169,31 @@ class ActivationRange(keras.layers.Layer):
             self._track(self.range_min, batch_min)
             self._track(self.range_max, batch_max)
             self.initialized.assign(1.0)
-        # Nudges the range so that 0 is exactly representable, as TFLite's int8 does.
-        quantized = tf.quantization.fake_quant_with_min_max_vars(
-            inputs, self.range_min, self.range_max, num_bits=8, narrow_range=False
-        )
+        quantized = fake_quantize_activations(inputs, self.range_min, self.range_max)
         if training:
             return quantized
         return ops.where(self.initialized > 0, quantized, inputs)
+
+    def after_relu(self, inputs, relu, cap: float, training=None):
+        """``self(relu(inputs))`` where ``relu`` clamps to [0, cap], without running it when
+        the int8 grid's own clamp does its work (its nudged range is [0, <= cap]).
+
+        The forward values are bit-identical: the grid clamps to the same interval. The
+        gradient differs only at inputs exactly 0 (and exactly ``cap``), where the ReLU's
+        is 0 and the grid's is 1. Saves a full-tensor pass forward and backward for every
+        conv + ReLU the converter fuses.
+        """
+        if self.calibrating or (training and self.tracking):
+            return self(relu(inputs), training=training)
+        low, high = _nudged_range(self.range_min, self.range_max)
+        fused = ops.logical_and(
+            ops.logical_and(ops.equal(low, 0.0), high <= cap), self.initialized > 0
+        )
+        return ops.cond(
+            fused,
+            lambda: _fake_quantize_from_zero(inputs, self.range_min, self.range_max, high),
+            lambda: self(relu(inputs), training=training),
+        )
 
     def _track(self, bound, batch_value) -> None:
         moving = RANGE_MOMENTUM * bound + (1.0 - RANGE_MOMENTUM) * batch_value
@@ -230,6 +308,23 @@ class QuantizedOutput(keras.layers.Layer):
         super().__init__(name=f"{layer.name}_qat")
         self.layer = layer
         self.output_range = ActivationRange(name=f"{layer.name}_range")
+        self.relu_cap = _relu_cap(layer)
 
     def call(self, inputs, training=None, mask=None):
+        if self.relu_cap is not None:
+            return self.output_range.after_relu(inputs, self.layer, self.relu_cap, training)
         return self.output_range(self.layer(inputs), training=training)
+
+
+def _relu_cap(layer) -> float | None:
+    """The upper clamp of a plain ReLU / ReLU6 layer (inf for ReLU), else None."""
+    if isinstance(layer, keras.layers.ReLU):
+        if layer.negative_slope or layer.threshold:
+            return None
+        return float("inf") if layer.max_value is None else float(layer.max_value)
+    if isinstance(layer, keras.layers.Activation):
+        if layer.activation is keras.activations.relu6:
+            return 6.0
+        if layer.activation is keras.activations.relu:
+            return float("inf")
+    return None

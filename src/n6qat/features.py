@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,15 +300,16 @@ def extract_features(
     Both outputs are written to temporary names first, then moved into place.
     """
     label_index = {name: i for i, name in enumerate(labels)}
-    jobs = [
-        (str(roots[row.source] / row.path), bool(row.negative), settings.to_dict())
+    shared = settings.to_dict()
+    jobs = (
+        (str(roots[row.source] / row.path), bool(row.negative), shared)
         for row in files.itertuples()
-    ]
+    )
     started = time.perf_counter()
     rows = []
     with atomic_path(out_npy) as tmp, _NpyRows(tmp, settings.input_shape) as out:
         for row, (feats, starts, energy) in zip(
-            files.itertuples(), _run_jobs(jobs, workers), strict=True
+            files.itertuples(), _run_jobs(jobs, workers if len(files) > 1 else 1), strict=True
         ):
             target = -1 if row.negative else label_index[row.label]
             for start, level in zip(starts, energy, strict=True):
@@ -333,9 +334,9 @@ JOBS_AHEAD = 8
 """Files each worker may have computed ahead of the writer (bounds memory)."""
 
 
-def _run_jobs(jobs: list, workers: int) -> Iterator:
+def _run_jobs(jobs: Iterable, workers: int) -> Iterator:
     """Every job's result, in order, computed at most ``JOBS_AHEAD`` per worker ahead."""
-    if workers <= 1 or len(jobs) < 2:
+    if workers <= 1:
         yield from map(_file_job, jobs)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
