@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for commit in args.commits:
         for i, acc in enumerate(accuracies[commit]):
-            shown = ", ".join(f"{k} {v:.1f} %" for k, v in acc.items())
+            shown = ", ".join(f"{k} {100 * v:.1f} %" for k, v in acc.items())
             print(f"{names[commit]} run {i}: test file top-1 {shown}")
     print(f"\nclones: {work}")
     return 0
