@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
@@ -61,16 +60,10 @@ def write_tree(root: Path, n_files: int, seconds: float) -> None:
 
 
 def feature_settings() -> dict:
-    """The default config's feature settings, with the schema's defaults filled in."""
-    from n6qat.config import coerce_config
+    """The default config's feature settings, as the workflow resolves them."""
+    from selection_rules import resolved_config
 
-    schema = ROOT / "workflow/schemas/config.schema.yaml"
-    config = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    coerce_config(config, schema)
-    from snakemake.utils import validate
-
-    validate(config, schema=str(schema))
-    return config["features"]
+    return resolved_config(ROOT / "config/config.yaml", seed=0)["features"]
 
 
 def stage(name: str, tree: Path, out: Path, workers: int) -> dict:

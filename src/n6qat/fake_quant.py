@@ -93,8 +93,29 @@ def fake_quantize_activations(inputs, range_min, range_max):
     (two full-tensor reductions per quantizer) and QAT never uses: the ranges are not
     trained, they are calibrated or tracked.
     """
-    low = ops.convert_to_tensor(range_min)
-    high = ops.convert_to_tensor(range_max)
+
+    def inside_range(x, upstream, low, high):
+        nudged_low, nudged_high = _nudged_range(low, high)
+        inside = ops.logical_and(x >= nudged_low, x <= nudged_high)
+        return upstream * ops.cast(inside, upstream.dtype)
+
+    return _fake_quantize(inputs, range_min, range_max, inside_range)
+
+
+def _fake_quantize_from_zero(inputs, range_min, range_max, nudged_high):
+    """``fake_quantize_activations`` on a grid whose nudged range is [0, nudged_high],
+    with the gradient of a ReLU before it: straight through on 0 < x < nudged_high, in
+    one fused pass (ReLU6's gradient kernel on x rescaled so that nudged_high is 6)."""
+
+    def relu_chain(x, upstream, low, high):
+        return tf.raw_ops.Relu6Grad(gradients=upstream, features=x * (6.0 / nudged_high))
+
+    return _fake_quantize(inputs, range_min, range_max, relu_chain)
+
+
+def _fake_quantize(inputs, range_min, range_max, input_gradient):
+    """TF's fake-quant forward with ``input_gradient(x, upstream, low, high)`` as its
+    only gradient (the range enters as tensors, so no variable is captured)."""
 
     @tf.custom_gradient
     def quantize(x, low, high):
@@ -103,36 +124,12 @@ def fake_quantize_activations(inputs, range_min, range_max):
         )
 
         def grad(upstream):
-            nudged_low, nudged_high = _nudged_range(low, high)
-            inside = ops.logical_and(x >= nudged_low, x <= nudged_high)
-            dx = upstream * ops.cast(inside, upstream.dtype)
+            dx = input_gradient(x, upstream, low, high)
             return dx, ops.zeros_like(low), ops.zeros_like(high)
 
         return y, grad
 
-    return quantize(inputs, low, high)
-
-
-def _fake_quantize_from_zero(inputs, range_min, range_max, nudged_high):
-    """``fake_quantize_activations`` on a grid whose nudged range is [0, nudged_high],
-    with the gradient of a ReLU before it: straight through on 0 < x < nudged_high, in
-    one fused pass (ReLU6's gradient kernel on x rescaled so that nudged_high is 6)."""
-    low = ops.convert_to_tensor(range_min)
-    high = ops.convert_to_tensor(range_max)
-
-    @tf.custom_gradient
-    def quantize(x, low, high, nudged_high):
-        y = tf.quantization.fake_quant_with_min_max_vars(
-            x, low, high, num_bits=8, narrow_range=False
-        )
-
-        def grad(upstream):
-            dx = tf.raw_ops.Relu6Grad(gradients=upstream, features=x * (6.0 / nudged_high))
-            return dx, ops.zeros_like(low), ops.zeros_like(high), ops.zeros_like(nudged_high)
-
-        return y, grad
-
-    return quantize(inputs, low, high, nudged_high)
+    return quantize(inputs, ops.convert_to_tensor(range_min), ops.convert_to_tensor(range_max))
 
 
 class ActivationRange(keras.layers.Layer):
@@ -179,9 +176,9 @@ class ActivationRange(keras.layers.Layer):
         the int8 grid's own clamp does its work (its nudged range is [0, <= cap]).
 
         The forward values are bit-identical: the grid clamps to the same interval. The
-        gradient differs only at inputs exactly 0 (and exactly ``cap``), where the ReLU's
-        is 0 and the grid's is 1. Saves a full-tensor pass forward and backward for every
-        conv + ReLU the converter fuses.
+        gradient is the ReLU-then-grid chain's (straight through on 0 < x < the grid's
+        top), except at inputs exactly on the grid's top. Saves a full-tensor pass forward
+        and backward for every conv + ReLU the converter fuses.
         """
         if self.calibrating or (training and self.tracking):
             return self(relu(inputs), training=training)

@@ -58,11 +58,12 @@ class Selection:
         """Whether the guard lets ``logs``'s epoch be kept (always, without epoch 0)."""
         if start is None or logs is start:
             return True
-        if self.improve and not logs.get(self.improve, -math.inf) > start.get(
-            self.improve, -math.inf
-        ):
+        def value(entry, metric):
+            return entry.get(metric, -math.inf)
+
+        if self.improve and not value(logs, self.improve) > value(start, self.improve):
             return False
-        return all(logs.get(m, -math.inf) >= start.get(m, -math.inf) for m in self.guard)
+        return all(value(logs, m) >= value(start, m) for m in self.guard)
 
     def key(self, logs: dict[str, float]) -> tuple[float, float]:
         """A sort key where larger is better; NaN (not measured) is worst."""
