@@ -564,3 +564,27 @@ def test_fused_relu_quantizer_is_bit_identical_forward_and_the_relu_chain_backwa
     np.testing.assert_array_equal(twins[0](x).numpy(), twins[1](x).numpy())
     for a, b in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_distillation_blends_teacher_scores_and_drops_metrics_of_soft_targets(tmp_path):
+    """QAT+distill trains on (labels + weight * teacher) / (1 + weight); the history keeps
+    validation accuracy and AUC (on labels) but not training ones (on soft targets)."""
+    from n6qat.fit import EpochBatches
+
+    model = _tiny_model()
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(48, 8, 8, 1)).astype(np.float32)
+    y = (rng.uniform(size=(48, 3)) < 0.4).astype(np.float32)
+    batches = EpochBatches(x, y, np.arange(48), batch_size=16, seed=0)
+    teacher = model.predict(x, verbose=0)
+    blended = qat.distilled(batches, model, 0.5)
+    np.testing.assert_allclose(blended.y.numpy(), (y + 0.5 * teacher) / 1.5, rtol=1e-6)
+
+    val = tf.data.Dataset.from_tensor_slices((x[:16], y[:16])).batch(16)
+    for weight, train_metrics in ((1.0, False), (0.0, True)):
+        settings = qat.QATSettings(epochs=1, batch_size=16, distillation=weight)
+        result = qat.run_qat(_tiny_model(), EpochBatches(x, y, np.arange(48), 16, 0), val,
+                             settings, tmp_path / f"ck{weight}")
+        logs = result.history[-1]
+        assert {"loss", "val_acc", "val_auc"} <= set(logs)
+        assert ({"acc", "auc"} <= set(logs)) is train_metrics

@@ -37,6 +37,9 @@ CALIBRATION_BATCHES = 8
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
+SOFT_TARGET_METRICS = ("acc", "auc")
+"""Training metrics left out of the history when QAT trains on distilled (soft) targets."""
+
 SELECTIONS = ("int8_file_top1", "int8_file_cmap", "last")
 """How QAT picks the epoch it keeps: the INT8 model's validation file top-1 or cmAP
 (each breaking the other's ties), or simply the last epoch. Epoch 0, the starting
@@ -219,13 +222,14 @@ def run_qat(
     starting ones. Otherwise the lowest simulated validation loss is kept, or the last
     epoch without validation data.
     """
-    from n6qat.fit import EpochBatches, fit_epochs
+    from n6qat.fit import EpochBatches, FitResult, fit_epochs
 
     checkpoint_dir = Path(checkpoint_dir)
     keras.utils.set_random_seed(settings.seed)
+    soft_targets = isinstance(train_ds, EpochBatches) and settings.distillation > 0
     if not isinstance(train_ds, EpochBatches):
         train_ds = _batched(train_ds, model, settings.batch_size, "train_ds")
-    elif settings.distillation > 0:
+    elif soft_targets:
         train_ds = distilled(train_ds, model, settings.distillation)
     val = None if val_ds is None else _batched(val_ds, model, settings.batch_size, "val_ds")
     trainable = {id(layer): (layer, layer.trainable) for layer in all_layers(model)}
@@ -262,4 +266,10 @@ def run_qat(
     finally:
         for layer, flag in trainable.values():
             layer.trainable = flag
+    if soft_targets:
+        # Accuracy and AUC against the blended (label + teacher) targets mean nothing: a
+        # soft target never equals a thresholded prediction. Validation keeps the labels.
+        history = [{k: v for k, v in logs.items() if k not in SOFT_TARGET_METRICS}
+                   for logs in result.history]  # fmt: skip
+        result = FitResult(history=history, best_epoch=result.best_epoch)
     return result
