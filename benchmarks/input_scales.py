@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from seeds import MODELS, ROOT, demo_trees, run_seed  # noqa: E402 (same runs as seeds.py)
+from seeds import MODELS, ROOT, demo_trees, mean_sd, run_seed  # noqa: E402 (same runs as seeds.py)
 from selection_rules import resolved_config  # noqa: E402
 
 SCALES = ("none", "sqrt", "log", "pcen")
@@ -75,14 +74,6 @@ def default_gate(base: Path, row: dict) -> str:
     return "stops: " + "; ".join(failed) if failed else "passes"
 
 
-def cell(values: list[float], scale: float, digits: int) -> str:
-    if not values:
-        return "n/a"
-    values = [scale * v for v in values]
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 def markdown(results: dict[str, list[dict]], base: Path) -> str:
     metrics = (("file_top1_accuracy", "top-1 %", 100.0, 1), ("file_cmap", "cmAP", 1.0, 3))
     header = ["scale", "seeds"] + [f"{MODELS[m]} {label}" for _, label, _, _ in metrics
@@ -92,7 +83,7 @@ def markdown(results: dict[str, list[dict]], base: Path) -> str:
         done = [row for row in rows if "error" not in row]
         cells = [scale, str(len(done))]
         for key, _, factor, digits in metrics:
-            cells += [cell([r[f"{m}.{key}"] for r in done], factor, digits) for m in MODELS]
+            cells += [mean_sd([factor * r[f"{m}.{key}"] for r in done], digits) for m in MODELS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| scale | seed | " + " | ".join(f"{MODELS[m]} top-1" for m in MODELS)
               + " | " + " | ".join(f"{MODELS[m]} cmAP" for m in MODELS)
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--lift-gates", action="store_true",
-                        help="measure runs the INT8 gates would stop (limits of 100 points)")
+                        help="measure runs the INT8 gates would stop (see LIFTED_GATES)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="n6qat_scales_"))).resolve()

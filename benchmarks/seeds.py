@@ -90,11 +90,11 @@ def run_seed(seed: int, folder: Path, configfile: Path, trees: dict, cores: int)
     return row
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], digits: int = 4) -> str:
     if not values:
         return "n/a"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def markdown(rows: list[dict]) -> str:
