@@ -168,6 +168,51 @@ def test_int8_io_option(trained):
     assert agreement(keras_out, run_tflite(tflite_bytes, x_test))["cosine"] > 0.99
 
 
+def _int8_content(tflite_bytes: bytes) -> list:
+    """Ops, tensors (quantization and constant data) of a .tflite, without tensor names."""
+    import tflite
+
+    model = tflite.Model.GetRootAs(tflite_bytes, 0)
+    graph = model.Subgraphs(0)
+    info = read_tflite(tflite_bytes)
+    content = [(op.opcode, op.inputs, op.outputs, op.options) for op in info.operators]
+    for t in info.tensors:
+        data = model.Buffers(graph.Tensors(t.index).Buffer()).DataAsNumpy()
+        constant = data.tobytes() if isinstance(data, np.ndarray) else b""
+        content.append((t.shape, t.dtype, t.scales, t.zero_points, t.quantized_dimension,
+                        constant))  # fmt: skip
+    return content
+
+
+@pytest.mark.parametrize(
+    "per_channel, io_dtype", [(True, "float32"), (False, "float32"), (True, "int8")]
+)
+def test_converting_without_signature_gives_the_same_int8_model(trained, per_channel, io_dtype):
+    """QAT scores its epochs on the faster unsigned conversion: it must be the deliverable's
+    INT8 model, tensor for tensor, with the same outputs; only names and signature differ."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, calibration, x_test, *_ = trained
+    signed = convert_int8(model, calibration, per_channel, io_dtype)
+    unsigned = convert_int8(model, calibration, per_channel, io_dtype, signature=False)
+    assert _int8_content(unsigned) == _int8_content(signed)
+    assert np.array_equal(run_tflite(unsigned, x_test), run_tflite(signed, x_test))
+    assert list(Interpreter(model_content=signed).get_signature_list()) == ["serving_default"]
+    # The traced function is kept on the model: new weights must be read at every conversion.
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    first = convert_int8(copy, calibration, per_channel, io_dtype, signature=False)
+    for weight in copy.trainable_weights:
+        weight.assign(weight.numpy() * 1.01)
+    changed = convert_int8(copy, calibration, per_channel, io_dtype, signature=False)
+    assert _int8_content(first) == _int8_content(unsigned)
+    assert _int8_content(changed) == _int8_content(convert_int8(copy, calibration, per_channel,
+                                                                io_dtype))  # fmt: skip
+    assert _int8_content(changed) != _int8_content(unsigned)
+
+
 def test_bad_arguments_name_the_model(trained):
     model, calibration, *_ = trained
     with pytest.raises(N6QATError, match="io_dtype"):

@@ -11,7 +11,9 @@ larger one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -414,13 +416,23 @@ def generate_demo_dataset(
     seed: int = 42,
     scale: float = 1.0,
     difficulty: Difficulty = DEFAULT_DIFFICULTY,
+    workers: int = 1,
 ) -> pd.DataFrame:
-    """Write the demo train/test tree and manifest.csv under out_dir; return the manifest."""
+    """Write the demo train/test tree and manifest.csv under out_dir; return the manifest.
+
+    Every file has its own random stream, so ``workers`` processes write the same bytes.
+    """
     out_dir = Path(out_dir)
     plan = demo_plan(seed, scale, difficulty)
     _check_only_demo_files(out_dir, plan)
-    for spec in plan:
-        write_demo_file(out_dir, spec, difficulty)
+    if workers > 1 and len(plan) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            # list() waits for every file and re-raises the first failure.
+            list(pool.map(write_demo_file, repeat(out_dir), plan, repeat(difficulty),
+                          chunksize=16))  # fmt: skip
+    else:
+        for spec in plan:
+            write_demo_file(out_dir, spec, difficulty)
     manifest = plan_manifest(plan)
     _replace_atomically(out_dir / "manifest.csv", lambda tmp: manifest.to_csv(tmp, index=False))
     return manifest

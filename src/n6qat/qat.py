@@ -159,7 +159,9 @@ def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFil
         recalibrate(twin)
         logs = metrics(twin.predict(x, batch_size=256, verbose=0), "val_sim_")
         if settings.select_with == "tflite":
-            tflite = convert_int8(model, calibration, settings.per_channel, files.io_dtype)
+            tflite = convert_int8(
+                model, calibration, settings.per_channel, files.io_dtype, signature=False
+            )
             logs.update(metrics(run_tflite(tflite, x), "val_int8_"))
         return logs
 

@@ -9,7 +9,7 @@ rule make_demo:
         "benchmarks/runs/make_demo.tsv"
     conda:
         "../../envs/data.yaml"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=2000,
         runtime=15,
