@@ -280,6 +280,41 @@ def test_unknown_frozen_layer_and_bad_settings_are_user_errors():
         qat.QATSettings(epochs=0)
 
 
+def test_calibrated_ranges_store_their_grid_and_train_bit_identically(monkeypatch):
+    """Calibration stores each quantizer's nudged range; a step on calibrated ranges reads
+    it instead of deriving it: the same values, outputs and gradients, bit for bit."""
+    model = _tiny_model()
+    x = tf.constant(np.random.default_rng(7).normal(size=(16, 8, 8, 1)).astype(np.float32))
+    y = tf.constant((np.random.default_rng(8).uniform(size=(16, 3)) < 0.4).astype(np.float32))
+    twin = int8_twin.build_qat_model(model, simulate_activations=True)
+    ranges = [q for q in int8_twin.twin_layers(twin) if isinstance(q, fake_quant.ActivationRange)]
+    for q in ranges:
+        q.tracking = False
+    int8_twin.calibrate_activation_ranges(twin, [x])
+
+    @tf.function
+    def derived(q):
+        return fake_quant._nudged_range(q.range_min, q.range_max)
+
+    for q in ranges:
+        low, high = derived(q)
+        assert (float(q.grid_low), float(q.grid_high)) == (float(low), float(high))
+
+    def step():
+        with tf.GradientTape() as tape:
+            out = twin(x, training=True)
+            loss = keras.losses.binary_crossentropy(y, out)
+        return [out, *tape.gradient(loss, model.trainable_variables)]
+
+    stored = tf.function(step)()
+    monkeypatch.setattr(
+        fake_quant.ActivationRange, "_grid",
+        lambda self: fake_quant._nudged_range(self.range_min, self.range_max),
+    )  # fmt: skip
+    for a, b in zip(stored, tf.function(step)(), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_activation_ranges_calibrate_then_track_in_the_train_step():
     model = _tiny_model()
     twin = int8_twin.build_qat_model(model, simulate_activations=True)

@@ -84,18 +84,24 @@ def _nudged_range(range_min, range_max):
     return (0.0 - zero_point) * scale, (255.0 - zero_point) * scale
 
 
-def fake_quantize_activations(inputs, range_min, range_max):
+_compiled_nudged_range = tf.function(_nudged_range)
+
+
+def fake_quantize_activations(inputs, range_min, range_max, grid=None):
     """``inputs`` on the per-tensor asymmetric int8 grid of [range_min, range_max].
 
     Forward: TF's ``fake_quant_with_min_max_vars`` (bit-exact, range nudged so 0 is a
     level). Backward: its gradient for the inputs (straight through inside the nudged
     range, 0 outside) without the gradients for the range, which TF's op always computes
     (two full-tensor reductions per quantizer) and QAT never uses: the ranges are not
-    trained, they are calibrated or tracked.
+    trained, they are calibrated or tracked. ``grid``: the nudged range, when the caller
+    holds it already (``ActivationRange.store_grid``); else it is derived here.
     """
+    if grid is not None:
+        grid = tuple(ops.convert_to_tensor(bound) for bound in grid)
 
     def inside_range(x, upstream, low, high):
-        nudged_low, nudged_high = _nudged_range(low, high)
+        nudged_low, nudged_high = _nudged_range(low, high) if grid is None else grid
         inside = ops.logical_and(x >= nudged_low, x <= nudged_high)
         return upstream * ops.cast(inside, upstream.dtype)
 
@@ -152,7 +158,34 @@ class ActivationRange(keras.layers.Layer):
         self.initialized = self.add_weight(
             shape=(), initializer="zeros", trainable=False, name="initialized"
         )
+        # The nudged range, stored by `store_grid` when calibration sets the range. Steps
+        # on a calibrated range (tracking off) read it instead of deriving it again: some
+        # 20 scalar ops per quantizer and step, a visible share of a small model's step.
+        self.grid_low = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="grid_low"
+        )
+        self.grid_high = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="grid_high"
+        )
         self.built = True
+
+    def store_grid(self) -> None:
+        """Store the nudged range of the current range (after every calibration).
+
+        Derived in a compiled function, as the step derived it: eager float32 ops can
+        differ in the last bits from the graph's (Grappler rewrites the arithmetic).
+        """
+        low, high = _compiled_nudged_range(
+            ops.convert_to_tensor(self.range_min), ops.convert_to_tensor(self.range_max)
+        )
+        self.grid_low.assign(low)
+        self.grid_high.assign(high)
+
+    def _grid(self):
+        """The nudged range: the stored one where only calibration sets the range."""
+        if self.tracking:
+            return _nudged_range(self.range_min, self.range_max)
+        return tf.identity(self.grid_low.value), tf.identity(self.grid_high.value)
 
     def call(self, inputs, training=None):
         if self.calibrating or (training and self.tracking):
@@ -166,7 +199,9 @@ class ActivationRange(keras.layers.Layer):
             self._track(self.range_min, batch_min)
             self._track(self.range_max, batch_max)
             self.initialized.assign(1.0)
-        quantized = fake_quantize_activations(inputs, self.range_min, self.range_max)
+        quantized = fake_quantize_activations(
+            inputs, self.range_min, self.range_max, None if self.tracking else self._grid()
+        )
         if training:
             return quantized
         return ops.where(self.initialized > 0, quantized, inputs)
@@ -182,7 +217,7 @@ class ActivationRange(keras.layers.Layer):
         """
         if self.calibrating or (training and self.tracking):
             return self(relu(inputs), training=training)
-        low, high = _nudged_range(self.range_min, self.range_max)
+        low, high = self._grid()
         fused = ops.logical_and(
             ops.logical_and(ops.equal(low, 0.0), high <= cap), self.initialized > 0
         )

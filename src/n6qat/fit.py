@@ -204,10 +204,12 @@ def fit_epochs(
         _restore(trainer, checkpoint_dir / state["last"])
         log.info("resuming after epoch %d of %d (backup %s)", done, epochs, checkpoint_dir)
     elif score is not None and score_initial:
+        scored = time.perf_counter()
         history = [{"epoch": 0, **score()}]
         best_epoch = 0
         _save(checkpoint_dir, trainer, kept, history, 0, best_epoch, new_best=True)
-        log.info("epoch 0 (before training): %s", _brief(history[0]))
+        log.info("epoch 0 (before training; scoring %.1f s): %s",
+                 time.perf_counter() - scored, _brief(history[0]))
     data_for = _epoch_data(train)
     for epoch in range(done, epochs):
         if _patience_exhausted(history, best_epoch, selection):
@@ -225,8 +227,10 @@ def fit_epochs(
         seconds = time.perf_counter() - started
         logs = {"epoch": epoch + 1}
         logs.update({key: float(values[-1]) for key, values in fitted.history.items()})
+        scored = time.perf_counter()
         if score is not None:
             logs.update(score())
+        scoring = f", scoring {time.perf_counter() - scored:.1f} s" if score is not None else ""
         history.append(logs)
         start = history[0] if history[0]["epoch"] == 0 else None
         new_best = selection.admits(logs, start) and (
@@ -235,8 +239,8 @@ def fit_epochs(
         )
         best_epoch = epoch + 1 if new_best else best_epoch
         _save(checkpoint_dir, trainer, kept, history, epoch + 1, best_epoch, new_best)
-        log.info("epoch %d of %d (%.1f s): %s%s", epoch + 1, epochs, seconds, _brief(logs),
-                 " (best so far)" if new_best else "")
+        log.info("epoch %d of %d (%.1f s%s): %s%s", epoch + 1, epochs, seconds, scoring,
+                 _brief(logs), " (best so far)" if new_best else "")
     state = _read_state(checkpoint_dir)
     if state.get("best"):
         _load_weights(kept, checkpoint_dir / state["best"])

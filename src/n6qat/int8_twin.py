@@ -203,6 +203,7 @@ def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable[np.nda
         raise N6QATError("Activation calibration got no batches: the training data is empty.")
     for quantizer in ranges:
         quantizer.initialized.assign(1.0)
+        quantizer.store_grid()
 
 
 def _calibration_pass(qat_model: keras.Model, ranges: list):
@@ -254,6 +255,9 @@ def simulated_int8(model: keras.Model, calibration: np.ndarray, per_channel: boo
     the model's variables, so call ``recalibrate`` on it after the weights change.
     """
     twin = build_qat_model(model, per_channel, simulate_activations=True)
+    for quantizer in twin_layers(twin):
+        if isinstance(quantizer, ActivationRange):
+            quantizer.tracking = False  # only `recalibrate` sets its ranges
     twin.calibration_batches = in_batches(calibration, batch_size)
     calibrate_activation_ranges(twin, twin.calibration_batches)
     return twin
