@@ -18,7 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-import pandas as pd
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import rule_seconds  # noqa: E402 (the same benchmark files e2e.py reads)
 
 RULES = ("pretrain", "qat")
 EPOCH = re.compile(r"epoch \d+ of \d+ \((?P<fit>[\d.]+) s(?:, scoring (?P<score>[\d.]+) s)?\)")
@@ -27,10 +29,9 @@ EPOCH_0 = re.compile(r"epoch 0 \(before training; scoring (?P<score>[\d.]+) s\)"
 
 def split(folder: Path, rule: str) -> dict[str, float] | None:
     """Wall, fit and scoring seconds of one rule in one run (None if it did not run)."""
-    tsv, log = folder / f"benchmarks/runs/{rule}.tsv", folder / f"logs/{rule}.log"
-    if not (tsv.exists() and log.exists()):
+    wall, log = rule_seconds(folder).get(rule), folder / f"logs/{rule}.log"
+    if wall is None or not log.exists():
         return None
-    wall = float(pd.read_csv(tsv, sep="\t")["s"].sum())
     fit = score = 0.0
     for line in log.read_text().splitlines():
         if found := EPOCH.search(line):

@@ -172,15 +172,14 @@ def _int8_content(tflite_bytes: bytes) -> list:
     """Ops, tensors (quantization and constant data) of a .tflite, without tensor names."""
     import tflite
 
+    from n6qat.tflite_inspect import _buffer_bytes
+
     model = tflite.Model.GetRootAs(tflite_bytes, 0)
-    graph = model.Subgraphs(0)
     info = read_tflite(tflite_bytes)
     content = [(op.opcode, op.inputs, op.outputs, op.options) for op in info.operators]
     for t in info.tensors:
-        data = model.Buffers(graph.Tensors(t.index).Buffer()).DataAsNumpy()
-        constant = data.tobytes() if isinstance(data, np.ndarray) else b""
         content.append((t.shape, t.dtype, t.scales, t.zero_points, t.quantized_dimension,
-                        constant))  # fmt: skip
+                        _buffer_bytes(model, tflite_bytes, t.index)))  # fmt: skip
     return content
 
 

@@ -176,6 +176,7 @@ def _frozen(model: keras.Model, spec):
         convert_variables_to_constants_v2,
     )
 
+    # In __dict__: an attribute set the usual way would be tracked by Keras as model state.
     traced = model.__dict__.setdefault("_n6qat_inference_functions", {})
     key = tuple(spec.shape)
     if key not in traced:

@@ -87,21 +87,19 @@ def _nudged_range(range_min, range_max):
 _compiled_nudged_range = tf.function(_nudged_range)
 
 
-def fake_quantize_activations(inputs, range_min, range_max, grid=None):
+def fake_quantize_activations(inputs, range_min, range_max, grid):
     """``inputs`` on the per-tensor asymmetric int8 grid of [range_min, range_max].
 
     Forward: TF's ``fake_quant_with_min_max_vars`` (bit-exact, range nudged so 0 is a
     level). Backward: its gradient for the inputs (straight through inside the nudged
     range, 0 outside) without the gradients for the range, which TF's op always computes
     (two full-tensor reductions per quantizer) and QAT never uses: the ranges are not
-    trained, they are calibrated or tracked. ``grid``: the nudged range, when the caller
-    holds it already (``ActivationRange.store_grid``); else it is derived here.
+    trained, they are calibrated or tracked. ``grid``: the nudged range (low, high), as
+    ``ActivationRange._grid`` gives it.
     """
-    if grid is not None:
-        grid = tuple(ops.convert_to_tensor(bound) for bound in grid)
+    nudged_low, nudged_high = (ops.convert_to_tensor(bound) for bound in grid)
 
-    def inside_range(x, upstream, low, high):
-        nudged_low, nudged_high = _nudged_range(low, high) if grid is None else grid
+    def inside_range(x, upstream):
         inside = ops.logical_and(x >= nudged_low, x <= nudged_high)
         return upstream * ops.cast(inside, upstream.dtype)
 
@@ -113,14 +111,14 @@ def _fake_quantize_from_zero(inputs, range_min, range_max, nudged_high):
     with the gradient of a ReLU before it: straight through on 0 < x < nudged_high, in
     one fused pass (ReLU6's gradient kernel on x rescaled so that nudged_high is 6)."""
 
-    def relu_chain(x, upstream, low, high):
+    def relu_chain(x, upstream):
         return tf.raw_ops.Relu6Grad(gradients=upstream, features=x * (6.0 / nudged_high))
 
     return _fake_quantize(inputs, range_min, range_max, relu_chain)
 
 
 def _fake_quantize(inputs, range_min, range_max, input_gradient):
-    """TF's fake-quant forward with ``input_gradient(x, upstream, low, high)`` as its
+    """TF's fake-quant forward with ``input_gradient(x, upstream)`` as its
     only gradient (the range enters as tensors, so no variable is captured)."""
 
     @tf.custom_gradient
@@ -130,7 +128,7 @@ def _fake_quantize(inputs, range_min, range_max, input_gradient):
         )
 
         def grad(upstream):
-            dx = input_gradient(x, upstream, low, high)
+            dx = input_gradient(x, upstream)
             return dx, ops.zeros_like(low), ops.zeros_like(high)
 
         return y, grad
@@ -185,6 +183,8 @@ class ActivationRange(keras.layers.Layer):
         """The nudged range: the stored one where only calibration sets the range."""
         if self.tracking:
             return _nudged_range(self.range_min, self.range_max)
+        # Copies, not the variable reads themselves: a tf.cond branch that captures a bare
+        # read fails to build its gradient (cond_v2 resolves the read to the eager handle).
         return tf.identity(self.grid_low.value), tf.identity(self.grid_high.value)
 
     def call(self, inputs, training=None):
@@ -199,9 +199,7 @@ class ActivationRange(keras.layers.Layer):
             self._track(self.range_min, batch_min)
             self._track(self.range_max, batch_max)
             self.initialized.assign(1.0)
-        quantized = fake_quantize_activations(
-            inputs, self.range_min, self.range_max, None if self.tracking else self._grid()
-        )
+        quantized = fake_quantize_activations(inputs, self.range_min, self.range_max, self._grid())
         if training:
             return quantized
         return ops.where(self.initialized > 0, quantized, inputs)

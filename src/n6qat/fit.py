@@ -227,10 +227,11 @@ def fit_epochs(
         seconds = time.perf_counter() - started
         logs = {"epoch": epoch + 1}
         logs.update({key: float(values[-1]) for key, values in fitted.history.items()})
-        scored = time.perf_counter()
+        scoring = ""
         if score is not None:
+            scored = time.perf_counter()
             logs.update(score())
-        scoring = f", scoring {time.perf_counter() - scored:.1f} s" if score is not None else ""
+            scoring = f", scoring {time.perf_counter() - scored:.1f} s"
         history.append(logs)
         start = history[0] if history[0]["epoch"] == 0 else None
         new_best = selection.admits(logs, start) and (
