@@ -48,6 +48,17 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert x.dtype.name == "float32" and tuple(x.shape) == (8, 6)
 
 
+def test_an_epoch_dataset_yields_its_order_through_a_fixed_pipeline():
+    a = _batches(3)
+    batches = list(a.dataset(2))
+    np.testing.assert_array_equal(
+        np.concatenate([x.numpy() for x, _ in batches]), a.x.numpy()[a.order(2)]
+    )
+    assert [int(x.shape[0]) for x, _ in batches] == [8] * 5 + [5]
+    # Autotuning off: `fit` waited for the autotuner's next tick at the end of an epoch.
+    assert a.dataset(2).options().autotune.enabled is False
+
+
 def test_reseeded_dropout_gives_the_same_masks_after_any_load(tmp_path):
     """A loaded model's dropout starts from unseeded state; reseeding makes it reproducible."""
     _model().save(tmp_path / "m.keras")
