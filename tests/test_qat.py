@@ -519,32 +519,62 @@ def test_a_backup_torn_by_a_kill_is_never_read(tmp_path):
     assert len(history.history) == 3
 
 
-@pytest.mark.parametrize("select_with", ["tflite", "simulation"])
-def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, select_with):
-    """Epochs (the starting weights as epoch 0 too) are scored in INT8 by file-level
-    validation metrics; the best one that loses neither top-1 nor cmAP to epoch 0 and
-    strictly beats its top-1 is kept (else epoch 0), and its INT8 model scores exactly
-    what the history says."""
+def _selection_data():
     import pandas as pd
 
-    from n6qat.convert import convert_int8
-    from n6qat.evaluate import validation_metrics
-    from n6qat.litert import run_tflite
-
-    model = _tiny_model()
     rng = np.random.default_rng(4)
     x_val = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)
     chunks = pd.DataFrame({
         "source": "val", "path": [f"f{i // 2}.wav" for i in range(24)],
         "label_index": np.repeat(np.arange(12) % 3, 2), "row": np.arange(24),
     })
-    labels = ["a", "b", "c"]
     calibration = rng.normal(size=(32, 8, 8, 1)).astype(np.float32)
+    return qat.ValidationFiles(x_val, chunks, ["a", "b", "c"]), calibration
+
+
+def test_a_scored_run_resumes_bit_identically_on_recalibrated_ranges(tmp_path):
+    """The training twin also scores the epochs (and recalibrates for them); a run killed
+    mid-epoch resumes on ranges of the restored weights: same weights and history."""
+    files, calibration = _selection_data()
+    settings = qat.QATSettings(epochs=3, learning_rate=3e-2, batch_size=16,
+                               select_with="simulation", selection="last")
+    initial = _tiny_model().get_weights()
+
+    def run(folder, callbacks=()):
+        model = _tiny_model()
+        model.set_weights(initial)
+        result = qat.run_qat(model, _examples(64, 0), None, settings, tmp_path / folder,
+                             calibration=calibration, selection_files=files,
+                             callbacks=callbacks)  # fmt: skip
+        return model, result
+
+    with pytest.raises(_Killed):
+        run("ckpt", [_KillInSecondEpoch()])
+    resumed, history = run("ckpt")
+    reference, expected = run("ref")
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert history.history == expected.history
+
+
+@pytest.mark.parametrize("select_with", ["tflite", "simulation"])
+def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, select_with):
+    """Epochs (the starting weights as epoch 0 too) are scored in INT8 by file-level
+    validation metrics; the best one that loses neither top-1 nor cmAP to epoch 0 and
+    strictly beats its top-1 is kept (else epoch 0), and its INT8 model scores exactly
+    what the history says."""
+    from n6qat.convert import convert_int8
+    from n6qat.evaluate import validation_metrics
+    from n6qat.litert import run_tflite
+
+    model = _tiny_model()
+    files, calibration = _selection_data()
+    x_val, chunks, labels = files.features, files.chunks, files.labels
     settings = qat.QATSettings(epochs=3, learning_rate=3e-2, batch_size=16,
                                select_with=select_with)
     result = qat.run_qat(
         model, _examples(64, 0), None, settings, tmp_path / "ck", calibration=calibration,
-        selection_files=qat.ValidationFiles(x_val, chunks, labels),
+        selection_files=files,
     )
     source = "int8" if select_with == "tflite" else "sim"
     top1, cmap = f"val_{source}_file_top1", f"val_{source}_file_cmap"

@@ -140,14 +140,20 @@ class ValidationFiles:
     io_dtype: str = "float32"
 
 
-def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFiles):
+def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFiles, twin=None):
     """Validation metrics of the model's current weights in INT8: the simulation's
-    (``val_sim_*``) and, selecting with the TFLite, the converted model's (``val_int8_*``)."""
+    (``val_sim_*``) and, selecting with the TFLite, the converted model's (``val_int8_*``).
+
+    ``twin``: the training twin, when it is the full simulation on ``calibration``'s
+    ranges (it is then recalibrated here, as the next epoch would do); otherwise a
+    ``simulated_int8`` twin of its own is built.
+    """
     from n6qat.convert import convert_int8
     from n6qat.evaluate import validation_metrics
     from n6qat.litert import run_tflite
 
-    twin = simulated_int8(model, calibration, settings.per_channel, settings.batch_size)
+    if twin is None:
+        twin = simulated_int8(model, calibration, settings.per_channel, settings.batch_size)
     x = np.asarray(files.features, dtype=np.float32)
 
     def metrics(scores, prefix: str) -> dict[str, float]:
@@ -157,6 +163,7 @@ def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFil
 
     def score() -> dict[str, float]:
         recalibrate(twin)
+        twin.ranges_current = True  # until the weights change
         logs = metrics(twin.predict(x, batch_size=256, verbose=0), "val_sim_")
         if settings.select_with == "tflite":
             tflite = convert_int8(
@@ -240,21 +247,31 @@ def run_qat(
             model, settings.per_channel, settings.simulate_activations, settings.frozen_layers
         )
         epoch_begin = None
-        if settings.simulate_activations and calibration is not None:
+        calibrated_twin = settings.simulate_activations and calibration is not None
+        if calibrated_twin:
             for quantizer in twin_layers(twin):
                 if isinstance(quantizer, ActivationRange):
                     quantizer.tracking = False
-            batches = in_batches(calibration, settings.batch_size)
-            calibrate_activation_ranges(twin, batches)
+            twin.calibration_batches = in_batches(calibration, settings.batch_size)
+            recalibrate(twin)
+            # Set by the scorer: the ranges are already those of the current weights.
+            twin.ranges_current = False
 
             def epoch_begin(epoch: int) -> None:
-                calibrate_activation_ranges(twin, batches)
+                if not twin.ranges_current:
+                    recalibrate(twin)
+                twin.ranges_current = False
         elif settings.simulate_activations:
             first = train_ds.dataset(0) if isinstance(train_ds, EpochBatches) else train_ds
             calibrate_activation_ranges(twin, (x for x, _ in first.take(CALIBRATION_BATCHES)))
         score = None
         if selection_files is not None and calibration is not None:
-            score = _int8_scorer(model, settings, calibration, selection_files)
+            # The calibrated training twin is the full simulation on the converter's
+            # calibration set: it scores too (one twin to build, one calibration an epoch).
+            score = _int8_scorer(
+                model, settings, calibration, selection_files,
+                twin=twin if calibrated_twin else None,
+            )
         twin.compile(
             optimizer=_optimizer(settings),
             loss=loss,
