@@ -32,9 +32,12 @@ if config["qat"]["per_channel"] != config["convert"]["per_channel"]:
         "a weight grid the converter does not write; set both to the same value"
     )
 
-# TensorFlow threads of the training and conversion jobs: from the config, never from
+# TensorFlow threads of the training and diagnostic jobs: from the config, never from
 # --cores, so that the same config and seed give the same bytes (config/README.md).
 TF_THREADS = config["compute"]["threads"]
+# Conversion runs on one thread: its outputs were the same bytes at 1 and 2 threads (demo
+# DS-CNN; it used one core either way), and the job then runs beside an evaluation.
+CONVERT_THREADS = 1
 DEMO_ROOT = "resources/demo"
 SPLITS = ["train", "val", "test"]
 

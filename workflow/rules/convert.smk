@@ -16,14 +16,14 @@ rule convert_int8:
         "benchmarks/runs/convert_{model}.tsv"
     conda:
         "../../envs/tf.yaml"
-    threads: TF_THREADS
+    threads: CONVERT_THREADS
     resources:
         mem_mb=4000,
         runtime=30,
     params:
         convert=config["convert"],
         evaluate=config["evaluate"],
-        threads=TF_THREADS,
+        threads=CONVERT_THREADS,
     script:
         "../scripts/convert_int8.py"
 
