@@ -190,3 +190,25 @@ def test_early_stopping_waits_for_min_epochs(tmp_path):
         score=_scripted_score([0.9, 0.1, 0.2, 0.3, 0.4, 0.5]),
     )
     assert [e["epoch"] for e in result.history] == [1, 2, 3, 4] and result.best_epoch == 1
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_replaying_a_history_keeps_what_a_run_with_that_budget_keeps(tmp_path, patience):
+    """`fit.replay` on a long run's history gives the epoch a shorter run keeps."""
+    values = [0.5, 0.6, 0.4, 0.9, 0.3, 0.2, 0.95]
+    rule = fit.Selection("val_score", "max", guard=("val_score",), patience=patience)
+
+    def run(epochs, folder):
+        model = _model()
+        return fit.fit_epochs(
+            model, model, _batches(), None, epochs, tmp_path / folder, rule, seed=5,
+            score=_scripted_score(values), score_initial=True,
+        )
+
+    long = run(6, "long")
+    assert fit.replay(long.history, rule, 6) == (long.best_epoch, long.history[-1]["epoch"])
+    for epochs in (1, 3, 4):
+        short = run(epochs, f"short{epochs}")
+        assert fit.replay(long.history, rule, epochs) == (
+            short.best_epoch, short.history[-1]["epoch"]
+        )

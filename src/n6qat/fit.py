@@ -240,11 +240,7 @@ def fit_epochs(
             logs.update(score())
             scoring = f", scoring {time.perf_counter() - scored:.1f} s"
         history.append(logs)
-        start = history[0] if history[0]["epoch"] == 0 else None
-        new_best = selection.admits(logs, start) and (
-            best_epoch is None
-            or selection.key(logs) > selection.key(_entry(history, best_epoch))
-        )
+        new_best = _new_best(history, best_epoch, selection)
         best_epoch = epoch + 1 if new_best else best_epoch
         _save(checkpoint_dir, trainer, kept, history, epoch + 1, best_epoch, new_best)
         log.info("epoch %d of %d (%.1f s%s): %s%s", epoch + 1, epochs, seconds, scoring,
@@ -262,6 +258,34 @@ def _epoch_data(train) -> Callable[[int], Any]:
     if callable(train) and not hasattr(train, "element_spec"):
         return train
     return lambda epoch: train
+
+
+def replay(
+    history: list[dict[str, float]], selection: Selection, epochs: int
+) -> tuple[int | None, int]:
+    """(kept epoch, last epoch run) of ``fit_epochs`` with budget ``epochs`` on weights
+    that would log ``history`` (a longer run's, epoch 0 first when it was scored).
+
+    What a smaller budget or patience would have kept, where the first epochs do not
+    depend on them (e.g. a constant learning rate), without training again.
+    """
+    seen = history[:1] if history and history[0]["epoch"] == 0 else []
+    best_epoch = 0 if seen else None
+    for logs in (entry for entry in history if 1 <= entry["epoch"] <= epochs):
+        if _patience_exhausted(seen, best_epoch, selection):
+            break
+        seen.append(logs)
+        best_epoch = logs["epoch"] if _new_best(seen, best_epoch, selection) else best_epoch
+    return best_epoch, seen[-1]["epoch"] if seen else 0
+
+
+def _new_best(history: list[dict[str, float]], best_epoch, selection: Selection) -> bool:
+    """Whether the last epoch of ``history`` replaces ``best_epoch`` as the kept one."""
+    logs = history[-1]
+    start = history[0] if history[0]["epoch"] == 0 else None
+    return selection.admits(logs, start) and (
+        best_epoch is None or selection.key(logs) > selection.key(_entry(history, best_epoch))
+    )
 
 
 def _entry(history: list[dict[str, float]], epoch: int) -> dict[str, float]:
