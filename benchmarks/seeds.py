@@ -119,7 +119,7 @@ def markdown(rows: list[dict]) -> str:
         scale = 100.0 if metric == "file_top1_accuracy" else 1.0
         for m in MODELS:
             values = [scale * row[f"{m}.{metric}"] for row in done]
-            cells.append(mean_sd(values))
+            cells.append(mean_sd(values, 1 if scale > 1 else 3))  # as the rows above
     cells += ["", mean_sd([row["qat.simulation_cosine"] for row in done]), "", ""]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
