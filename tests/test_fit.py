@@ -155,6 +155,60 @@ def test_the_best_epoch_is_kept_across_an_interruption(tmp_path):
     assert table["selected"].tolist() == [False, False, True, False, False]
 
 
+def _deferred_score(values, calls):
+    """Scripted scores handed out later, as a background scorer does: ``calls`` records
+    when each is asked for and when it is taken."""
+    queue = list(values)
+
+    def score():
+        value = queue.pop(0)
+        calls.append(("asked", value))
+
+        def taken():
+            calls.append(("taken", value))
+            return {"val_score": value}
+
+        return taken
+
+    return score
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_a_deferred_score_keeps_what_an_immediate_one_keeps(tmp_path, patience):
+    """An epoch whose score comes later is selected and backed up once the next epoch has
+    trained: the same history, kept epoch and weights, also across a kill between."""
+    scores = [0.1, 0.3, 0.9, 0.2, 0.4]
+    rule = fit.Selection("val_score", "max", patience=patience)
+
+    def run(folder, score, callbacks=()):
+        model = _model()
+        result = fit.fit_epochs(
+            model, model, _batches(), None, 4, tmp_path / folder, rule, seed=5,
+            score=score, score_initial=True, callbacks=callbacks,
+        )
+        return model, result
+
+    reference, expected = run("ref", _scripted_score(scores))
+    calls = []
+    model, result = run("deferred", _deferred_score(scores, calls))
+    assert result.history == expected.history and result.best_epoch == expected.best_epoch
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    if patience is None:  # each score is taken after the next epoch's is asked for
+        assert calls[:4] == [("asked", 0.1), ("asked", 0.3), ("taken", 0.1), ("asked", 0.9)]
+    else:  # early stopping needs every score before the next epoch
+        assert calls[:4] == [("asked", 0.1), ("taken", 0.1), ("asked", 0.3), ("taken", 0.3)]
+
+    with pytest.raises(_Killed):  # epoch 3 trained, its score not yet taken
+        run("ck", _deferred_score(scores, []), callbacks=[_KillAtEpoch(3)])
+    state = json.loads((tmp_path / "ck" / fit.STATE_FILE).read_text())
+    assert state["epochs_done"] == (2 if patience is None else 3)
+    model, result = run("ck", _deferred_score(scores[state["epochs_done"] + 1 :], []))
+    assert result.history == expected.history and result.best_epoch == expected.best_epoch
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_epoch_zero_wins_when_training_never_beats_it(tmp_path):
     model, result = _run(tmp_path / "ck", [0.9, 0.1, 0.2, 0.3, 0.4])
     start = _model().get_weights()

@@ -557,6 +557,26 @@ def test_a_scored_run_resumes_bit_identically_on_recalibrated_ranges(tmp_path):
     assert history.history == expected.history
 
 
+def test_scoring_in_the_background_gives_the_same_history_and_weights(tmp_path):
+    """The worker process converts and runs each epoch's TFLite as the training process
+    would: the same metrics, so the same kept epoch and weights."""
+    files, calibration = _selection_data()
+    settings = qat.QATSettings(epochs=3, learning_rate=3e-2, batch_size=16)
+    runs = []
+    for background in (True, False):
+        model = _tiny_model()
+        result = qat.run_qat(
+            model, _examples(64, 0), None, settings, tmp_path / str(background),
+            calibration=calibration, selection_files=files, background_scoring=background,
+        )
+        runs.append((model.get_weights(), result))
+    (weights, result), (expected_weights, expected) = runs
+    assert "val_int8_file_top1" in result.history[0]
+    assert result.history == expected.history and result.best_epoch == expected.best_epoch
+    for a, b in zip(weights, expected_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("select_with", ["tflite", "simulation"])
 def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, select_with):
     """Epochs (the starting weights as epoch 0 too) are scored in INT8 by file-level

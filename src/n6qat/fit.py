@@ -195,8 +195,11 @@ def fit_epochs(
     ``kept`` is the model whose weights are the result: the trainer itself, or the model
     a QAT twin shares its variables with. ``train`` gives each epoch's data: an
     ``EpochBatches``, a function of the epoch, or one dataset for every epoch. ``score``
-    adds metrics to an epoch's logs after it (e.g. the INT8 simulation on validation);
-    with ``score_initial`` the weights before training are scored as epoch 0 and can be
+    adds metrics to an epoch's logs after it (e.g. the INT8 simulation on validation). It
+    returns them, or a function that waits for them: that epoch is then logged, selected
+    and backed up after the next epoch has trained, while its score is computed elsewhere
+    (a kill in between loses both epochs, never the backup before them). With
+    ``score_initial`` the weights before training are scored as epoch 0 and can be
     the ones kept. ``epoch_begin`` runs before each epoch (e.g. activation recalibration).
     Rerunning with the same ``checkpoint_dir`` continues after the last finished epoch.
     """
@@ -207,18 +210,53 @@ def fit_epochs(
     best_epoch: int | None = state.get("best_epoch")
     done = int(state.get("epochs_done", 0))
     _build_optimizer(trainer)
+    pending: list[_Scored] = []  # an epoch whose score is still being computed
+
+    def settle() -> None:
+        """Log, select and back up the pending epoch, once its score is in."""
+        nonlocal best_epoch
+        epoch = pending.pop()
+        waited = time.perf_counter()
+        epoch.logs.update(epoch.metrics())
+        scoring = epoch.scoring + time.perf_counter() - waited
+        history.append(epoch.logs)
+        number = epoch.logs["epoch"]
+        new_best = number == 0 or _new_best(history, best_epoch, selection)
+        best_epoch = number if new_best else best_epoch
+        _save(checkpoint_dir, epoch.state, epoch.weights, history, number, best_epoch,
+              new_best)  # fmt: skip
+        if number == 0:
+            log.info("epoch 0 (before training; scoring %.1f s): %s", scoring,
+                     _brief(epoch.logs))  # fmt: skip
+        else:
+            log.info("epoch %d of %d (%.1f s, scoring %.1f s): %s%s", number, epochs,
+                     epoch.seconds, scoring, _brief(epoch.logs),
+                     " (best so far)" if new_best else "")  # fmt: skip
+
+    def scored(logs: dict[str, float], seconds: float) -> None:
+        """Score the current weights; settle the epoch before, then this one if it is done."""
+        started = time.perf_counter()
+        found = score()
+        current = _Scored(
+            logs, found if callable(found) else (lambda: found), seconds,
+            time.perf_counter() - started, _arrays(_trainer_state(trainer)),
+            _arrays(kept.weights),
+        )
+        if pending:
+            settle()
+        pending.append(current)
+        if not callable(found):
+            settle()
+
     if state:
         _restore(trainer, checkpoint_dir / state["last"])
         log.info("resuming after epoch %d of %d (backup %s)", done, epochs, checkpoint_dir)
     elif score is not None and score_initial:
-        scored = time.perf_counter()
-        history = [{"epoch": 0, **score()}]
-        best_epoch = 0
-        _save(checkpoint_dir, trainer, kept, history, 0, best_epoch, new_best=True)
-        log.info("epoch 0 (before training; scoring %.1f s): %s",
-                 time.perf_counter() - scored, _brief(history[0]))
+        scored({"epoch": 0}, 0.0)
     data_for = _epoch_data(train)
     for epoch in range(done, epochs):
+        if pending and selection.patience is not None:
+            settle()
         if _patience_exhausted(history, best_epoch, selection):
             log.info("stopping early: no better %s for %d epochs", selection.monitor,
                      selection.patience)
@@ -234,22 +272,40 @@ def fit_epochs(
         seconds = time.perf_counter() - started
         logs = {"epoch": epoch + 1}
         logs.update({key: float(values[-1]) for key, values in fitted.history.items()})
-        scoring = ""
-        if score is not None:
-            scored = time.perf_counter()
-            logs.update(score())
-            scoring = f", scoring {time.perf_counter() - scored:.1f} s"
-        history.append(logs)
-        new_best = _new_best(history, best_epoch, selection)
-        best_epoch = epoch + 1 if new_best else best_epoch
-        _save(checkpoint_dir, trainer, kept, history, epoch + 1, best_epoch, new_best)
-        log.info("epoch %d of %d (%.1f s%s): %s%s", epoch + 1, epochs, seconds, scoring,
-                 _brief(logs), " (best so far)" if new_best else "")
+        if score is None:
+            history.append(logs)
+            new_best = _new_best(history, best_epoch, selection)
+            best_epoch = epoch + 1 if new_best else best_epoch
+            _save(checkpoint_dir, _trainer_state(trainer), kept.weights, history, epoch + 1,
+                  best_epoch, new_best)  # fmt: skip
+            log.info("epoch %d of %d (%.1f s): %s%s", epoch + 1, epochs, seconds,
+                     _brief(logs), " (best so far)" if new_best else "")  # fmt: skip
+        else:
+            scored(logs, seconds)
+    if pending:
+        settle()
     state = _read_state(checkpoint_dir)
     if state.get("best"):
         _load_weights(kept, checkpoint_dir / state["best"])
     log.info("kept epoch %s by %s", best_epoch, selection.monitor)
     return FitResult(history=history, best_epoch=best_epoch)
+
+
+@dataclass
+class _Scored:
+    """A trained (or starting) epoch with its score on the way, and what its backup holds."""
+
+    logs: dict[str, float]
+    metrics: Callable[[], dict[str, float]]
+    seconds: float
+    scoring: float
+    state: list[np.ndarray]
+    weights: list[np.ndarray]
+
+
+def _arrays(variables) -> list[np.ndarray]:
+    """Copies of the variables' values, for a backup written later."""
+    return [np.array(v.numpy(), copy=True) for v in variables]
 
 
 def _epoch_data(train) -> Callable[[int], Any]:
@@ -315,14 +371,16 @@ def _trainer_state(trainer) -> list:
     return [*trainer.variables, *trainer.optimizer.variables]
 
 
-def _save(directory: Path, trainer, kept, history, epoch: int, best_epoch, new_best: bool):
-    """Write this epoch's backup; the state file, written last, makes it the current one."""
+def _save(directory: Path, state, weights, history, epoch: int, best_epoch, new_best: bool):
+    """Write this epoch's backup (``state``: the trainer's and optimizer's variables or
+    their values, ``weights``: the kept model's); the state file, written last, makes it
+    the current one."""
     last = f"epoch-{epoch}.npz"
-    _write_arrays(directory / last, _trainer_state(trainer))
+    _write_arrays(directory / last, state)
     old = _read_state(directory)
     best = f"best-{epoch}.npz" if new_best else old.get("best")
     if new_best:
-        _write_arrays(directory / best, kept.weights)
+        _write_arrays(directory / best, weights)
     state = {
         "epochs_done": epoch if epoch > 0 else 0, "last": last, "best": best,
         "best_epoch": best_epoch, "history": history,
@@ -335,7 +393,8 @@ def _save(directory: Path, trainer, kept, history, epoch: int, best_epoch, new_b
 
 
 def _write_arrays(path: Path, variables) -> None:
-    arrays = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
+    arrays = {f"v{i:04d}": np.asarray(v if isinstance(v, np.ndarray) else v.numpy())
+              for i, v in enumerate(variables)}  # fmt: skip
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
 

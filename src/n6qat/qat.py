@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from n6qat.background_scoring import BackgroundScorer
 from n6qat.config import with_schema_defaults
 from n6qat.errors import N6QATError
 from n6qat.fake_quant import ActivationRange
@@ -140,16 +141,22 @@ class ValidationFiles:
     io_dtype: str = "float32"
 
 
-def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFiles, twin=None):
+def _int8_scorer(
+    model, settings: QATSettings, calibration, files: ValidationFiles, twin=None,
+    background=None,
+):  # fmt: skip
     """Validation metrics of the model's current weights in INT8: the simulation's
     (``val_sim_*``) and, selecting with the TFLite, the converted model's (``val_int8_*``).
 
     ``twin``: the training twin, when it is the full simulation on ``calibration``'s
     ranges (it is then recalibrated here, as the next epoch would do); otherwise a
-    ``simulated_int8`` twin of its own is built.
+    ``simulated_int8`` twin of its own is built. ``background``: a
+    ``n6qat.background_scoring.BackgroundScorer`` that converts and runs the TFLite in
+    its worker process; the scorer then returns a function that waits for the metrics
+    (``n6qat.fit.fit_epochs`` calls it once the next epoch has trained).
     """
+    from n6qat.background_scoring import validation_metrics_for
     from n6qat.convert import convert_int8
-    from n6qat.evaluate import validation_metrics
     from n6qat.litert import run_tflite
 
     if twin is None:
@@ -157,19 +164,23 @@ def _int8_scorer(model, settings: QATSettings, calibration, files: ValidationFil
     x = np.asarray(files.features, dtype=np.float32)
 
     def metrics(scores, prefix: str) -> dict[str, float]:
-        found = validation_metrics(scores, files.chunks, files.labels, files.pooling,
-                                   files.threshold)
-        return {f"{prefix}{key}": value for key, value in found.items()}
+        return validation_metrics_for(
+            scores, files.chunks, files.labels, files.pooling, files.threshold, prefix
+        )
 
-    def score() -> dict[str, float]:
+    def score():
         recalibrate(twin)
         twin.ranges_current = True  # until the weights change
         logs = metrics(twin.predict(x, batch_size=256, verbose=0), "val_sim_")
-        if settings.select_with == "tflite":
-            tflite = convert_int8(
-                model, calibration, settings.per_channel, files.io_dtype, signature=False
-            )
-            logs.update(metrics(run_tflite(tflite, x), "val_int8_"))
+        if settings.select_with != "tflite":
+            return logs
+        if background is not None:
+            waiting = background.submit(model.get_weights())
+            return lambda: {**logs, **background.wait(waiting)}
+        tflite = convert_int8(
+            model, calibration, settings.per_channel, files.io_dtype, signature=False
+        )
+        logs.update(metrics(run_tflite(tflite, x), "val_int8_"))
         return logs
 
     return score
@@ -212,6 +223,7 @@ def run_qat(
     callbacks: Iterable[keras.callbacks.Callback] = (),
     calibration: np.ndarray | None = None,
     selection_files: ValidationFiles | None = None,
+    background_scoring: bool = True,
 ):
     """Fine-tune `model` in place on the INT8 simulation; return the ``n6qat.fit.FitResult``.
 
@@ -229,7 +241,9 @@ def run_qat(
     metrics; the best epoch (``settings.selection``) that loses neither top-1 nor cmAP
     against epoch 0 is kept, so QAT never keeps weights that quantize worse than the
     starting ones. Otherwise the lowest simulated validation loss is kept, or the last
-    epoch without validation data.
+    epoch without validation data. With ``background_scoring`` the TFLite conversion and
+    run of each epoch take place in a worker process while the next epoch trains
+    (`n6qat.background_scoring`): the same metrics, the same kept epoch.
     """
     from n6qat.fit import EpochBatches, FitResult, fit_epochs
 
@@ -242,6 +256,15 @@ def run_qat(
         train_ds = distilled(train_ds, model, settings.distillation)
     val = None if val_ds is None else _batched(val_ds, model, settings.batch_size, "val_ds")
     trainable = {id(layer): (layer, layer.trainable) for layer in all_layers(model)}
+    background = None
+    if (background_scoring and settings.select_with == "tflite"
+            and selection_files is not None and calibration is not None):  # fmt: skip
+        # Started first: the worker imports TensorFlow while the twin is built.
+        files = selection_files
+        background = BackgroundScorer(
+            model, calibration, settings.per_channel, files.io_dtype, files.features,
+            files.chunks, files.labels, files.pooling, files.threshold,
+        )
     try:
         twin = build_qat_model(
             model, settings.per_channel, settings.simulate_activations, settings.frozen_layers
@@ -270,7 +293,7 @@ def run_qat(
             # calibration set: it scores too (one twin to build, one calibration an epoch).
             score = _int8_scorer(
                 model, settings, calibration, selection_files,
-                twin=twin if calibrated_twin else None,
+                twin=twin if calibrated_twin else None, background=background,
             )
         twin.compile(
             optimizer=_optimizer(settings),
@@ -283,6 +306,8 @@ def run_qat(
             score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
         )
     finally:
+        if background is not None:
+            background.close()
         for layer, flag in trainable.values():
             layer.trainable = flag
     if soft_targets:

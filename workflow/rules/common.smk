@@ -38,6 +38,11 @@ TF_THREADS = config["compute"]["threads"]
 # Conversion runs on one thread: its outputs were the same bytes at 1 and 2 threads (demo
 # DS-CNN; it used one core either way), and the job then runs beside an evaluation.
 CONVERT_THREADS = 1
+# Scheduling priorities (larger first) along the critical path: QAT, then the two
+# conversions (QAT-INT8's gate reads PTQ's report). Without them, on 2 cores the PTQ
+# branch's evaluations ran before QAT, and QAT's 2 threads waited for free cores.
+PRIORITY_QAT = 2
+PRIORITY_CONVERT = 1
 DEMO_ROOT = "resources/demo"
 SPLITS = ["train", "val", "test"]
 

@@ -14,6 +14,7 @@ rule convert_int8:
         "logs/convert_{model}.log",
     benchmark:
         "benchmarks/runs/convert_{model}.tsv"
+    priority: PRIORITY_CONVERT
     conda:
         "../../envs/tf.yaml"
     threads: CONVERT_THREADS

@@ -101,6 +101,7 @@ rule qat:
         "logs/qat.log",
     benchmark:
         "benchmarks/runs/qat.tsv"
+    priority: PRIORITY_QAT
     conda:
         "../../envs/tf.yaml"
     threads: TF_THREADS
