@@ -8,7 +8,9 @@ process start, loading, twin building, calibration, range refresh and saving.
 
     python benchmarks/rule_split.py /tmp/e2e/HEAD-0 /tmp/e2e/HEAD-1
 
-Logs from before the scoring time was logged show the scoring as part of the rest.
+Logs from before the scoring time was logged show the scoring as part of the rest. Since
+the TFLite scoring runs in a worker process (c74036c), the logged scoring time is what the
+training process spends on it: the simulation's scoring and any wait for the worker.
 """
 
 from __future__ import annotations

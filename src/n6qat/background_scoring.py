@@ -85,6 +85,7 @@ class BackgroundScorer:
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL,
             )
             theirs.close()  # the worker sees the end of the pipe when this process ends
+            log.info("INT8 scoring worker started (pid %d)", self._process.pid)
             self._conn.send({
                 "folder": str(folder), "per_channel": per_channel, "io_dtype": io_dtype,
                 "chunks": chunks, "labels": list(labels), "pooling": pooling,
