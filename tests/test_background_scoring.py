@@ -42,12 +42,12 @@ def test_the_worker_scores_and_raises_its_errors_in_the_caller():
     with scorer:
         good = scorer.submit(model.get_weights())
         bad = scorer.submit([np.zeros(3, np.float32)])  # not this model's weights
-        metrics = scorer.wait(good)
+        metrics = good.result()
         assert set(metrics) >= {"val_int8_file_top1", "val_int8_file_cmap"}
         with pytest.raises(ValueError):
-            scorer.wait(bad)
+            bad.result()
         # Still serving after an error.
-        assert scorer.wait(scorer.submit(model.get_weights())) == metrics
+        assert scorer.submit(model.get_weights()).result() == metrics
         worker = scorer._process
     assert worker.poll() is not None  # closed with the scorer
 

@@ -37,19 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def validation_metrics_for(scores, chunks, labels, pooling, threshold, prefix: str) -> dict:
-    """``n6qat.evaluate.validation_metrics`` with every key prefixed (``val_int8_``, ...)."""
-    from n6qat.evaluate import validation_metrics
-
-    found = validation_metrics(scores, chunks, labels, pooling, threshold)
-    return {f"{prefix}{key}": value for key, value in found.items()}
-
-
 class BackgroundScorer:
     """Converts and validates weights of ``model`` in a worker process.
 
-    ``submit(weights)`` returns at once; ``wait`` on what it returns gives the
-    ``val_int8_*`` metrics of those weights, in the order submitted. Use as a context
+    ``submit(weights)`` returns a future at once; its ``result()`` is the ``val_int8_*``
+    metrics of those weights (or the worker's error), in the order submitted. Use as a context
     manager (or call ``close``): the worker and the temporary folder go away with it.
     """
 
@@ -111,11 +103,6 @@ class BackgroundScorer:
             raise value
         return value
 
-    @staticmethod
-    def wait(future: Future) -> dict[str, float]:
-        """The metrics of a submitted scoring; its errors are raised here."""
-        return future.result()
-
     def close(self) -> None:
         talker = getattr(self, "_talker", None)
         if talker is not None:
@@ -155,6 +142,7 @@ def _serve(conn: Connection) -> None:
 
     configure_runtime(1)
     from n6qat.convert import convert_int8
+    from n6qat.evaluate import validation_metrics
     from n6qat.litert import run_tflite
     from n6qat.model import load_model
 
@@ -172,9 +160,9 @@ def _serve(conn: Connection) -> None:
             tflite = convert_int8(
                 model, calibration, setup["per_channel"], setup["io_dtype"], signature=False
             )
-            reply = ("ok", validation_metrics_for(
+            reply = ("ok", validation_metrics(
                 run_tflite(tflite, features), setup["chunks"], setup["labels"],
-                setup["pooling"], setup["threshold"], "val_int8_",
+                setup["pooling"], setup["threshold"], prefix="val_int8_",
             ))  # fmt: skip
         except Exception as err:  # noqa: BLE001 - raised again in the training process
             reply = ("error", err if _picklable(err) else N6QATError(repr(err)))

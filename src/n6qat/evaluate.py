@@ -113,21 +113,24 @@ def validation_metrics(
     labels: list[str],
     pooling: str = "mean",
     threshold: float = 0.5,
+    prefix: str = "",
 ) -> dict[str, float]:
     """What a user reads of one model's chunk scores: file-level top-1, macro F1, cmAP.
 
     Also the chunk-level top-1 and the number of files; used to choose the QAT epoch and
-    to gate the INT8 models on the validation split.
+    to gate the INT8 models on the validation split. ``prefix`` goes before every key
+    (QAT's history: ``val_int8_``, ``val_sim_``).
     """
     file_scores, file_labels, _ = pool_files(scores, chunks, pooling)
     files = summary_metrics(file_scores, file_labels, labels, threshold)
-    return {
+    found = {
         "file_top1": files["top1_accuracy"],
         "file_macro_f1": files["macro_f1"],
         "file_cmap": files["cmap"],
         "chunk_top1": top1_accuracy(scores, chunks["label_index"].to_numpy()),
         "files": float(len(file_labels)),
     }
+    return {f"{prefix}{key}": value for key, value in found.items()}
 
 
 def confusion(

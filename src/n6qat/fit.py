@@ -210,49 +210,54 @@ def fit_epochs(
     best_epoch: int | None = state.get("best_epoch")
     done = int(state.get("epochs_done", 0))
     _build_optimizer(trainer)
-    pending: list[_Scored] = []  # an epoch whose score is still being computed
+    pending: list[_Epoch] = []  # an epoch whose score is still being computed
 
     def settle() -> None:
         """Log, select and back up the pending epoch, once its score is in."""
         nonlocal best_epoch
         epoch = pending.pop()
         waited = time.perf_counter()
-        epoch.logs.update(epoch.metrics())
+        if epoch.score is not None:
+            epoch.logs.update(epoch.score() if callable(epoch.score) else epoch.score)
         scoring = epoch.scoring + time.perf_counter() - waited
         history.append(epoch.logs)
         number = epoch.logs["epoch"]
-        new_best = number == 0 or _new_best(history, best_epoch, selection)
+        new_best = _new_best(history, best_epoch, selection)
         best_epoch = number if new_best else best_epoch
         _save(checkpoint_dir, epoch.state, epoch.weights, history, number, best_epoch,
               new_best)  # fmt: skip
         if number == 0:
             log.info("epoch 0 (before training; scoring %.1f s): %s", scoring,
                      _brief(epoch.logs))  # fmt: skip
-        else:
-            log.info("epoch %d of %d (%.1f s, scoring %.1f s): %s%s", number, epochs,
-                     epoch.seconds, scoring, _brief(epoch.logs),
-                     " (best so far)" if new_best else "")  # fmt: skip
+            return
+        timing = f"{epoch.seconds:.1f} s"
+        if epoch.score is not None:
+            timing += f", scoring {scoring:.1f} s"
+        log.info("epoch %d of %d (%s): %s%s", number, epochs, timing, _brief(epoch.logs),
+                 " (best so far)" if new_best else "")  # fmt: skip
 
-    def scored(logs: dict[str, float], seconds: float) -> None:
-        """Score the current weights; settle the epoch before, then this one if it is done."""
+    def finished(logs: dict[str, float], seconds: float) -> None:
+        """Score the current weights; settle the epoch before, then this one unless its
+        score is deferred (then its state is copied for the backup written later)."""
         started = time.perf_counter()
-        found = score()
-        current = _Scored(
-            logs, found if callable(found) else (lambda: found), seconds,
-            time.perf_counter() - started, _arrays(_trainer_state(trainer)),
-            _arrays(kept.weights),
+        found = None if score is None else score()
+        deferred = callable(found)
+        state, weights = _trainer_state(trainer), kept.weights
+        current = _Epoch(
+            logs, found, seconds, time.perf_counter() - started,
+            _arrays(state) if deferred else state, _arrays(weights) if deferred else weights,
         )
         if pending:
             settle()
         pending.append(current)
-        if not callable(found):
+        if not deferred:
             settle()
 
     if state:
         _restore(trainer, checkpoint_dir / state["last"])
         log.info("resuming after epoch %d of %d (backup %s)", done, epochs, checkpoint_dir)
     elif score is not None and score_initial:
-        scored({"epoch": 0}, 0.0)
+        finished({"epoch": 0}, 0.0)
     data_for = _epoch_data(train)
     for epoch in range(done, epochs):
         if pending and selection.patience is not None:
@@ -272,16 +277,7 @@ def fit_epochs(
         seconds = time.perf_counter() - started
         logs = {"epoch": epoch + 1}
         logs.update({key: float(values[-1]) for key, values in fitted.history.items()})
-        if score is None:
-            history.append(logs)
-            new_best = _new_best(history, best_epoch, selection)
-            best_epoch = epoch + 1 if new_best else best_epoch
-            _save(checkpoint_dir, _trainer_state(trainer), kept.weights, history, epoch + 1,
-                  best_epoch, new_best)  # fmt: skip
-            log.info("epoch %d of %d (%.1f s): %s%s", epoch + 1, epochs, seconds,
-                     _brief(logs), " (best so far)" if new_best else "")  # fmt: skip
-        else:
-            scored(logs, seconds)
+        finished(logs, seconds)
     if pending:
         settle()
     state = _read_state(checkpoint_dir)
@@ -292,15 +288,17 @@ def fit_epochs(
 
 
 @dataclass
-class _Scored:
-    """A trained (or starting) epoch with its score on the way, and what its backup holds."""
+class _Epoch:
+    """A trained (or starting) epoch: its logs, its score (metrics, a function that waits
+    for them, or None), and what its backup holds (variables, or copies of their values
+    while the score is deferred)."""
 
     logs: dict[str, float]
-    metrics: Callable[[], dict[str, float]]
+    score: dict[str, float] | Callable[[], dict[str, float]] | None
     seconds: float
     scoring: float
-    state: list[np.ndarray]
-    weights: list[np.ndarray]
+    state: list
+    weights: list
 
 
 def _arrays(variables) -> list[np.ndarray]:

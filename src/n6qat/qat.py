@@ -155,8 +155,8 @@ def _int8_scorer(
     its worker process; the scorer then returns a function that waits for the metrics
     (``n6qat.fit.fit_epochs`` calls it once the next epoch has trained).
     """
-    from n6qat.background_scoring import validation_metrics_for
     from n6qat.convert import convert_int8
+    from n6qat.evaluate import validation_metrics
     from n6qat.litert import run_tflite
 
     if twin is None:
@@ -164,7 +164,7 @@ def _int8_scorer(
     x = np.asarray(files.features, dtype=np.float32)
 
     def metrics(scores, prefix: str) -> dict[str, float]:
-        return validation_metrics_for(
+        return validation_metrics(
             scores, files.chunks, files.labels, files.pooling, files.threshold, prefix
         )
 
@@ -176,7 +176,7 @@ def _int8_scorer(
             return logs
         if background is not None:
             waiting = background.submit(model.get_weights())
-            return lambda: {**logs, **background.wait(waiting)}
+            return lambda: {**logs, **waiting.result()}
         tflite = convert_int8(
             model, calibration, settings.per_channel, files.io_dtype, signature=False
         )
