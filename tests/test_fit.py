@@ -92,6 +92,35 @@ def test_an_improve_metric_must_strictly_beat_epoch_zero():
     assert rule.admits({"top1": 0.1, "cmap": 0.1}, None)  # no epoch 0: no guard
 
 
+def test_a_gate_limit_measures_losses_in_points_against_the_reference_and_epoch_zero():
+    limit = fit.GateLimit("top1", reference=0.90, max_loss=3.0, max_loss_vs_start=1.0)
+    start = {"epoch": 0, "top1": 0.88}
+    assert limit.passes({"top1": 0.87}, start)  # 3 points below the reference: at the limit
+    assert not limit.passes({"top1": 0.86}, None)  # 4 points below the reference
+    assert not limit.passes({"top1": 0.87}, {"top1": 0.885})  # 1.5 points below epoch 0
+    assert not limit.passes({}, start)  # not measured
+
+
+def test_epochs_that_pass_the_gate_come_first():
+    """When epoch 0 fails the gate, the best epoch that passes it is kept even if it loses
+    a guarded metric to epoch 0; among passing epochs the guard still decides first."""
+    base = fit.Selection("top1", "max", tie_break="cmap", guard=("top1", "cmap"),
+                         improve="top1")  # fmt: skip
+    gated = fit.Selection(**{**base.__dict__,
+                             "gate": (fit.GateLimit("top1", 0.90, max_loss=3.0),)})  # fmt: skip
+    start = {"epoch": 0, "top1": 0.86, "cmap": 0.85}  # fails the gate: 4 points lost
+    admitted = {"epoch": 1, "top1": 0.865, "cmap": 0.86}  # guard: yes, gate: no
+    passing = {"epoch": 2, "top1": 0.89, "cmap": 0.84}  # guard: no (cmAP), gate: yes
+    both = {"epoch": 3, "top1": 0.875, "cmap": 0.86}  # guard and gate: yes
+    assert fit.replay([start, admitted, passing], base, 2) == (1, 2)
+    assert fit.replay([start, admitted, passing], gated, 2) == (2, 2)
+    assert fit.replay([start, admitted, passing, both], gated, 3) == (3, 3)
+    # Nothing passes: the guard decides, as without a gate.
+    strict = fit.Selection(**{**base.__dict__, "gate": (fit.GateLimit("top1", 1.0, 0.0),)})
+    assert fit.replay([start, admitted, passing], strict, 2) == (1, 2)
+    assert gated.passes_gate(passing, start) and not base.passes_gate(passing, start)
+
+
 def test_a_tie_with_epoch_zero_keeps_the_starting_weights(tmp_path):
     model = _model()
     start = model.get_weights()

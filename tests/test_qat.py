@@ -614,6 +614,39 @@ def test_qat_keeps_the_best_int8_epoch_that_loses_nothing_to_epoch_0(tmp_path, s
     assert metrics["file_cmap"] == pytest.approx(best[cmap], abs=1e-6)
 
 
+@pytest.mark.parametrize("max_loss", [0.0, 100.0])
+def test_qat_with_the_gate_prefers_epochs_that_pass_it_against_the_fp32_reference(
+    tmp_path, max_loss
+):
+    """With the INT8 gate's limits, the FP32 reference's validation metrics are measured
+    as the gate measures them, and the kept epoch is the gated selection's on the history."""
+    from n6qat import fit
+    from n6qat.evaluate import validation_metrics
+    from n6qat.gate import GateSettings
+
+    model = _tiny_model()
+    files, calibration = _selection_data()
+    expected_fp32 = validation_metrics(
+        model.predict(files.features, batch_size=256, verbose=0), files.chunks, files.labels
+    )
+    assert qat.reference_metrics(model, files) == expected_fp32
+    gate = GateSettings(min_simulation_cosine=0.99, max_loss_vs_fp32=max_loss,
+                        max_loss_vs_ptq=max_loss, metrics=("file_top1",))  # fmt: skip
+    settings = qat.QATSettings(epochs=3, learning_rate=3e-2, batch_size=16,
+                               select_with="simulation")  # fmt: skip
+    result = qat.run_qat(
+        model, _examples(64, 0), None, settings, tmp_path / "ck", calibration=calibration,
+        selection_files=files, gate=gate,
+    )
+    rule = qat._selection(settings, True, False, gate, expected_fp32)
+    assert rule.gate == (fit.GateLimit("val_sim_file_top1", expected_fp32["file_top1"],
+                                       max_loss, max_loss),)  # fmt: skip
+    assert fit.replay(result.history, rule, 3) == (result.best_epoch, 3)
+    plain = qat._selection(settings, True, False)
+    if max_loss == 100.0:  # every epoch passes: the guard alone decides
+        assert fit.replay(result.history, plain, 3)[0] == result.best_epoch
+
+
 def test_fused_relu_quantizer_is_bit_identical_forward_and_the_relu_chain_backward():
     """Where a ReLU6's output grid starts at 0 the twin skips the ReLU (the grid clamps
     the same): outputs bit-identical to ReLU then fake-quant, in training and inference,

@@ -36,6 +36,29 @@ STATE_FILE = "state.json"
 
 
 @dataclass(frozen=True)
+class GateLimit:
+    """One limit of a quality gate on an epoch's ``metric`` (larger is better), in points
+    (100 x the metric): at most ``max_loss`` below ``reference`` and, when given, at most
+    ``max_loss_vs_start`` below epoch 0's value (the loss arithmetic of ``n6qat.gate``)."""
+
+    metric: str
+    reference: float
+    max_loss: float
+    max_loss_vs_start: float | None = None
+
+    def passes(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
+        value = logs.get(self.metric, math.nan)
+        if math.isnan(value):
+            return False
+        if not 100.0 * (self.reference - value) <= self.max_loss + 1e-9:
+            return False
+        if self.max_loss_vs_start is None or start is None:
+            return True
+        loss = 100.0 * (start.get(self.metric, math.nan) - value)
+        return not loss > self.max_loss_vs_start + 1e-9
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which epoch's weights are kept: the best ``monitor`` value (ties: ``tie_break``).
 
@@ -44,6 +67,12 @@ class Selection:
     that an epoch must strictly beat epoch 0 on, so that a tie keeps the starting
     weights (epoch 0 is then only replaced by a measured gain). ``patience``: stop after
     this many epochs without a new best (None: never stop early), but never before ``min_epochs``.
+
+    ``gate``: ``GateLimit``s, the quality gate the kept weights will face (e.g. the
+    INT8 model's loss to the FP32 reference). Epochs that pass it come first: the best
+    one the guard admits, else the best one that passes, else (no epoch passes) the
+    best one the guard admits. So when the starting weights fail the gate, an epoch
+    that passes it is kept even if it loses a guarded metric to epoch 0.
     """
 
     monitor: str = "val_loss"
@@ -53,6 +82,17 @@ class Selection:
     improve: str | None = None
     patience: int | None = None
     min_epochs: int = 0
+    gate: tuple[GateLimit, ...] = ()
+
+    def passes_gate(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
+        """Whether there is a gate and ``logs``'s epoch passes every limit of it
+        (``start``: epoch 0's logs)."""
+        return bool(self.gate) and all(limit.passes(logs, start) for limit in self.gate)
+
+    def rank(self, logs, start) -> tuple[bool, bool] | None:
+        """(passes the gate, admitted by the guard); None: never kept."""
+        passes, admitted = self.passes_gate(logs, start), self.admits(logs, start)
+        return (passes, admitted) if passes or admitted else None
 
     def admits(self, logs: dict[str, float], start: dict[str, float] | None) -> bool:
         """Whether the guard lets ``logs``'s epoch be kept (always, without epoch 0)."""
@@ -337,9 +377,13 @@ def _new_best(history: list[dict[str, float]], best_epoch, selection: Selection)
     """Whether the last epoch of ``history`` replaces ``best_epoch`` as the kept one."""
     logs = history[-1]
     start = history[0] if history[0]["epoch"] == 0 else None
-    return selection.admits(logs, start) and (
-        best_epoch is None or selection.key(logs) > selection.key(_entry(history, best_epoch))
-    )
+    rank = selection.rank(logs, start)
+    if rank is None:
+        return False
+    if best_epoch is None:
+        return True
+    best = _entry(history, best_epoch)
+    return (rank, selection.key(logs)) > (selection.rank(best, start), selection.key(best))
 
 
 def _entry(history: list[dict[str, float]], epoch: int) -> dict[str, float]:

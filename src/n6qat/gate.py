@@ -131,8 +131,9 @@ def _loss_check(name, metric, against, loss, limit, reference, value, files, key
                 "calibration set (convert.calibration_size); with few validation files one "
                 "file is several points: raise the limit if the validation split is small",
         "ptq": "QAT keeps the best epoch that loses nothing to epoch 0 (the PTQ weights) "
-               "on validation; scored with the converted TFLite (qat.select_with: tflite) "
-               "this cannot happen unless qat.selection is 'last' or the QAT rule saw "
+               "on validation, or one within this gate's limits; scored with the "
+               "converted TFLite (qat.select_with: tflite) this cannot happen unless "
+               "qat.selection is 'last' or the QAT rule saw "
                "other calibration or validation data than this conversion; scored with "
                "the simulation, the two can differ by a validation file or two: use "
                "qat.select_with: tflite",

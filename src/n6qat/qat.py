@@ -10,6 +10,7 @@ wrappers are never serialized.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from n6qat.int8_twin import (
     twin_layers,
 )
 
+log = logging.getLogger(__name__)
+
 CALIBRATION_BATCHES = 8
 """Training batches used to initialise activation ranges before QAT."""
 
@@ -45,7 +48,8 @@ SELECTIONS = ("int8_file_top1", "int8_file_cmap", "last")
 """How QAT picks the epoch it keeps: the INT8 model's validation file top-1 or cmAP
 (each breaking the other's ties), or simply the last epoch. Epoch 0, the starting
 weights, competes too: a later epoch must lose neither metric to it and strictly beat
-it on the first, so a tie on the first keeps the PTQ-equivalent starting weights."""
+it on the first, so a tie on the first keeps the PTQ-equivalent starting weights. With
+the INT8 gate's limits (``run_qat(gate=)``), epochs that pass the gate come first."""
 
 SELECT_WITH = ("tflite", "simulation")
 """What scores an epoch for the selection: its converted full-INT8 TFLite (what is
@@ -186,8 +190,13 @@ def _int8_scorer(
     return score
 
 
-def _selection(settings: QATSettings, scored: bool, validated: bool):
-    from n6qat.fit import Selection
+def _selection(
+    settings: QATSettings, scored: bool, validated: bool, gate=None, reference=None
+):  # fmt: skip
+    """The epoch selection rule; with ``gate`` (``n6qat.gate.GateSettings``) and
+    ``reference`` (the FP32 reference's validation metrics) epochs that pass the INT8
+    gate come first."""
+    from n6qat.fit import GateLimit, Selection
 
     if settings.selection == "last" or not (scored or validated):
         return Selection("epoch", "max")
@@ -197,7 +206,25 @@ def _selection(settings: QATSettings, scored: bool, validated: bool):
     first, second = (f"val_{source}_file_top1", f"val_{source}_file_cmap")
     if settings.selection == "int8_file_cmap":
         first, second = second, first
-    return Selection(first, "max", tie_break=second, guard=(first, second), improve=first)
+    limits = ()
+    if gate is not None and reference is not None:
+        limits = tuple(
+            GateLimit(f"val_{source}_{metric}", reference[metric], gate.max_loss_vs_fp32,
+                      gate.max_loss_vs_ptq)  # fmt: skip
+            for metric in gate.metrics
+        )
+    return Selection(
+        first, "max", tie_break=second, guard=(first, second), improve=first, gate=limits
+    )
+
+
+def reference_metrics(reference: keras.Model, files: ValidationFiles) -> dict[str, float]:
+    """The FP32 reference model's validation metrics, as the INT8 gate measures them."""
+    from n6qat.evaluate import validation_metrics
+
+    x = np.asarray(files.features, np.float32)
+    scores = np.asarray(reference.predict(x, batch_size=256, verbose=0), np.float32)
+    return validation_metrics(scores, files.chunks, files.labels, files.pooling, files.threshold)
 
 
 def distilled(batches, teacher: keras.Model, weight: float):
@@ -224,6 +251,8 @@ def run_qat(
     calibration: np.ndarray | None = None,
     selection_files: ValidationFiles | None = None,
     background_scoring: bool = True,
+    gate=None,
+    reference: keras.Model | None = None,
 ):
     """Fine-tune `model` in place on the INT8 simulation; return the ``n6qat.fit.FitResult``.
 
@@ -240,8 +269,12 @@ def run_qat(
     TFLite or the simulation, ``settings.select_with``) by file-level validation
     metrics; the best epoch (``settings.selection``) that loses neither top-1 nor cmAP
     against epoch 0 is kept, so QAT never keeps weights that quantize worse than the
-    starting ones. Otherwise the lowest simulated validation loss is kept, or the last
-    epoch without validation data. With ``background_scoring`` the TFLite conversion and
+    starting ones. With ``gate`` (``n6qat.gate.GateSettings``, the limits the converted
+    model will face), epochs whose INT8 metrics pass the gate against the FP32
+    ``reference`` model (default: `model` before QAT) and against epoch 0 come first: if
+    the starting weights fail it, the best epoch that passes is kept even when it loses
+    a guarded metric to epoch 0. Otherwise the lowest simulated validation loss is kept,
+    or the last epoch without validation data. With ``background_scoring`` the TFLite conversion and
     run of each epoch take place in a worker process while the next epoch trains
     (`n6qat.background_scoring`): the same metrics, the same kept epoch.
     """
@@ -288,7 +321,13 @@ def run_qat(
             first = train_ds.dataset(0) if isinstance(train_ds, EpochBatches) else train_ds
             calibrate_activation_ranges(twin, (x for x, _ in first.take(CALIBRATION_BATCHES)))
         score = None
+        fp32 = None
         if selection_files is not None and calibration is not None:
+            if gate is not None:
+                fp32 = reference_metrics(model if reference is None else reference,
+                                         selection_files)  # fmt: skip
+                log.info("FP32 reference on validation (the INT8 gate's): %s",
+                         {m: round(fp32[m], 4) for m in gate.metrics})  # fmt: skip
             # The calibrated training twin is the full simulation on the converter's
             # calibration set: it scores too (one twin to build, one calibration an epoch).
             score = _int8_scorer(
@@ -302,7 +341,7 @@ def run_qat(
         )
         result = fit_epochs(
             twin, model, train_ds, val, settings.epochs, checkpoint_dir,
-            _selection(settings, score is not None, val is not None), settings.seed,
+            _selection(settings, score is not None, val is not None, gate, fp32), settings.seed,
             score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
         )
     finally:

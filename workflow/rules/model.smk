@@ -88,6 +88,7 @@ rule equalize:
 rule qat:
     input:
         model=quantization_start(),
+        reference="results/model/pretrained.keras",
         train="results/features/train.npy",
         train_chunks="results/features/train_chunks.csv",
         val="results/features/val.npy",
