@@ -33,7 +33,7 @@ def test_quality_is_in_points_against_fp32():
     assert measured["fp32"]["file_top1"] == 1.0 and measured["int8"]["file_top1"] == 0.8
     assert measured["loss_vs_fp32_points"]["file_top1"] == pytest.approx(20.0)
     assert measured["file_top1_agreement"] == pytest.approx(0.8)
-    assert measured["int8"]["files"] == 10
+    assert measured["int8"]["files"] == 10 and measured["labelled_files"] == 10
 
 
 def test_the_gate_fails_on_each_limit_with_what_was_measured():
@@ -51,8 +51,24 @@ def test_the_gate_fails_on_each_limit_with_what_was_measured():
     messages = failures(checks)
     assert "cosine 0.9800 on 20 validation chunks" in messages[0] and "bug" in messages[0]
     assert "loses 10.0 points of file-level top-1 to the FP32 reference" in messages[1]
-    assert "(100.0 -> 90.0, 10 files), more than convert.max_loss_vs_fp32=3" in messages[1]
+    assert "(100.0 -> 90.0, top-1 over the 10 labelled of 10 files: one file is 10.00 points)" \
+        in messages[1]
+    assert "more than convert.max_loss_vs_fp32=3" in messages[1]
     assert "to the PTQ-INT8 baseline" in messages[2] and "max_loss_vs_ptq=1" in messages[2]
+
+
+def test_a_top1_loss_names_the_labelled_files_it_counts():
+    chunks = _chunks()
+    chunks.loc[chunks["path"].isin(["f8.wav", "f9.wav"]), "label_index"] = -1  # two negatives
+    fp32, int8 = _scores(10), _scores(7)
+    settings = GateSettings(min_simulation_cosine=0.99, max_loss_vs_fp32=3.0,
+                            max_loss_vs_ptq=1.0, metrics=("file_top1", "file_cmap"))
+    measured = quality(int8, fp32, chunks, LABELS)
+    assert measured["labelled_files"] == 8 and measured["int8"]["files"] == 10
+    top1, cmap = failures(gate_checks("ptq", None, measured, settings))
+    assert "(100.0 -> 87.5, top-1 over the 8 labelled of 10 files: one file is 12.50 points)" \
+        in top1
+    assert "10 files), more than" in cmap and "labelled" not in cmap
 
 
 def test_the_gate_passes_within_its_limits_and_a_gain_is_a_negative_loss():
@@ -83,3 +99,4 @@ def test_gate_table_has_one_column_per_model():
     assert list(table.columns) == ["ptq", "qat"]
     assert table.loc["file-level top-1: loss vs FP32 (points)", "qat"] == pytest.approx(10.0)
     assert table.loc["output cosine, XNNPACK vs built-in kernels (diagnostic)", "ptq"] == 0.98
+    assert table.loc["labelled validation files (file top-1 counts these)", "qat"] == 10

@@ -63,11 +63,13 @@ def quality(
     """INT8 and FP32 validation metrics side by side, the INT8 loss in points, top-1 agreement."""
     int8 = validation_metrics(int8_scores, chunks, labels, pooling, threshold)
     fp32 = validation_metrics(fp32_scores, chunks, labels, pooling, threshold)
-    int8_files, *_ = pool_files(int8_scores, chunks, pooling)
+    int8_files, file_labels, _ = pool_files(int8_scores, chunks, pooling)
     fp32_files, *_ = pool_files(fp32_scores, chunks, pooling)
     return {
         "int8": int8,
         "fp32": fp32,
+        # File top-1 counts only these (negatives have no class to be right about).
+        "labelled_files": int(np.sum(file_labels >= 0)),
         "loss_vs_fp32_points": {m: 100.0 * (fp32[m] - int8[m]) for m in QUALITY_METRICS},
         "file_top1_agreement": float(np.mean(int8_files.argmax(1) == fp32_files.argmax(1))),
         "chunk_top1_agreement": float(np.mean(int8_scores.argmax(1) == fp32_scores.argmax(1))),
@@ -112,15 +114,27 @@ def gate_checks(
         loss = measured["loss_vs_fp32_points"][metric]
         checks.append(_loss_check(
             name, metric, "fp32", loss, settings.max_loss_vs_fp32, measured["fp32"][metric],
-            measured["int8"][metric], measured["int8"]["files"], "convert.max_loss_vs_fp32",
+            measured["int8"][metric], _files(measured, metric), "convert.max_loss_vs_fp32",
         ))
         if ptq is not None:
             loss = 100.0 * (ptq["int8"][metric] - measured["int8"][metric])
             checks.append(_loss_check(
                 name, metric, "ptq", loss, settings.max_loss_vs_ptq, ptq["int8"][metric],
-                measured["int8"][metric], measured["int8"]["files"], "convert.max_loss_vs_ptq",
+                measured["int8"][metric], _files(measured, metric), "convert.max_loss_vs_ptq",
             ))
     return checks
+
+
+def _files(measured: dict, metric: str) -> str:
+    """How many validation files a metric counts, and for top-1 what one file is worth."""
+    files = int(measured["int8"]["files"])
+    labelled = measured.get("labelled_files")
+    if metric != "file_top1" or not labelled:
+        return f"{files} files"
+    return (
+        f"top-1 over the {labelled} labelled of {files} files: "
+        f"one file is {100 / labelled:.2f} points"
+    )
 
 
 def _loss_check(name, metric, against, loss, limit, reference, value, files, key) -> dict:
@@ -147,7 +161,7 @@ def _loss_check(name, metric, against, loss, limit, reference, value, files, key
         "message": (
             f"the {name} INT8 model loses {loss:.1f} points of {METRIC_NAMES[metric]} to {what} "
             f"on the validation split ({scale * reference:.1f} -> {scale * value:.1f}, "
-            f"{int(files)} files), more than {key}={limit:g}. What to try: {hints}."
+            f"{files}), more than {key}={limit:g}. What to try: {hints}."
         ),
     }
 
@@ -176,6 +190,10 @@ def gate_table(reports: dict[str, dict]) -> pd.DataFrame:
             "simulation fidelity (cosine)": report["simulation_fidelity"]["cosine"],
             "validation files": int(measured["int8"]["files"]),
         }
+        if "labelled_files" in measured:  # reports written before it existed lack it
+            column["labelled validation files (file top-1 counts these)"] = (
+                measured["labelled_files"]
+            )
         for metric in QUALITY_METRICS:
             column[f"{METRIC_NAMES[metric]}: FP32"] = measured["fp32"][metric]
             column[f"{METRIC_NAMES[metric]}: INT8"] = measured["int8"][metric]
