@@ -68,15 +68,23 @@ def epoch_batches(
     return train_batches, val_batches.dataset(0)
 
 
-def compile_classifier(model, learning_rate: float, steps: int, weight_decay: float = 0.0):
-    """Adam(W) with cosine decay over ``steps``, binary cross-entropy, AUC and accuracy."""
+def compile_classifier(
+    model, learning_rate: float, steps: int, weight_decay: float = 0.0, optimizer=None
+):
+    """Adam(W) with cosine decay over ``steps``, binary cross-entropy, AUC and accuracy.
+
+    ``optimizer``: an existing one instead (a twin that trains the same variables).
+    """
     import keras
 
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps), alpha=0.05)
-    if weight_decay:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
-    else:
-        optimizer = keras.optimizers.Adam(schedule)
+    if optimizer is None:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            learning_rate, max(1, steps), alpha=0.05
+        )
+        if weight_decay:
+            optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+        else:
+            optimizer = keras.optimizers.Adam(schedule)
     model.compile(
         optimizer=optimizer,
         loss="binary_crossentropy",
@@ -126,12 +134,15 @@ def pretrain(
     """Train ``model`` in place, keeping the epoch with the lowest validation loss.
 
     Early stopping (``patience`` epochs without a better validation loss) never stops
-    before ``min_epochs``.
+    before ``min_epochs``. The steps run on a twin whose BatchNormalizations are fused
+    (``n6qat.fused_batch_norm``); ``model`` is compiled with the same optimizer, so it
+    is saved with the optimizer state as before.
 
     Returns the ``n6qat.fit.FitResult``; a rerun with the same ``checkpoint_dir``
     resumes after the last finished epoch, with the same result as an uninterrupted run.
     """
     from n6qat.fit import Selection, fit_epochs
+    from n6qat.fused_batch_norm import fused_trainer
 
     train_batches, val_ds = epoch_batches(train, val, upsampled, n_classes, batch_size, seed)
     if trainable_head_only:
@@ -139,10 +150,13 @@ def pretrain(
             layer.trainable = False
     steps = epochs * int(np.ceil(len(train_batches) / batch_size))
     compile_classifier(model, learning_rate, steps)
+    trainer = fused_trainer(model)
+    if trainer is not model:
+        compile_classifier(trainer, learning_rate, steps, optimizer=model.optimizer)
     log.info("training on %d chunks per epoch (%d unique), %d validation chunks",
              len(train_batches), int(train_batches.x.shape[0]), len(val[1]))
     result = fit_epochs(
-        model, model, train_batches, val_ds, epochs, checkpoint_dir,
+        trainer, model, train_batches, val_ds, epochs, checkpoint_dir,
         Selection("val_loss", "min", patience=patience, min_epochs=min_epochs), seed,
     )
     for layer in model.layers:
