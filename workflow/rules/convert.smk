@@ -42,12 +42,12 @@ rule layer_fidelity:
         "benchmarks/runs/layer_fidelity_{model}.tsv"
     conda:
         "../../envs/tf.yaml"
-    threads: TF_THREADS
+    threads: LAYER_FIDELITY_THREADS
     resources:
         mem_mb=3000,
         runtime=15,
     params:
         max_samples=64,
-        threads=TF_THREADS,
+        threads=LAYER_FIDELITY_THREADS,
     script:
         "../scripts/layer_fidelity.py"
