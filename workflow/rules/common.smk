@@ -44,8 +44,9 @@ CONVERT_THREADS = 1
 # do not depend on compute.threads.
 LAYER_FIDELITY_THREADS = 1
 # Scheduling priorities (larger first) along the critical path: QAT, then the two
-# conversions (QAT-INT8's gate reads PTQ's report). Without them, on 2 cores the PTQ
-# branch's evaluations ran before QAT, and QAT's 2 threads waited for free cores.
+# conversions (QAT-INT8's gate reads PTQ's report) and their layer_fidelity (the last long
+# job: small report jobs took its core first). Without them, on 2 cores the PTQ branch's
+# evaluations ran before QAT, and QAT's 2 threads waited for free cores.
 PRIORITY_QAT = 2
 PRIORITY_CONVERT = 1
 DEMO_ROOT = "resources/demo"

@@ -40,6 +40,7 @@ rule layer_fidelity:
         "logs/convert_{model}_layers.log",
     benchmark:
         "benchmarks/runs/layer_fidelity_{model}.tsv"
+    priority: PRIORITY_CONVERT
     conda:
         "../../envs/tf.yaml"
     threads: LAYER_FIDELITY_THREADS
