@@ -256,6 +256,19 @@ def test_patience_stops_early_and_keeps_the_best(tmp_path):
     assert [e["epoch"] for e in result.history] == [1, 2, 3, 4] and result.best_epoch == 2
 
 
+def test_unlogged_metrics_stay_in_the_history_but_not_in_the_epoch_lines(tmp_path, caplog):
+    model = _model()
+    with caplog.at_level("INFO", logger="n6qat.fit"):
+        result = fit.fit_epochs(
+            model, model, _batches(), None, 2, tmp_path / "ck", fit.Selection("val_score", "max"),
+            seed=5, score=_scripted_score([0.5, 0.9]), unlogged=("loss",),
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2 and all("val_score=" in line for line in lines)
+    assert not any("loss=" in line for line in lines)
+    assert all("loss" in epoch for epoch in result.history)
+
+
 def test_a_backup_from_another_model_is_refused(tmp_path):
     _run(tmp_path / "ck", [0.1, 0.2, 0.3, 0.4, 0.5], callbacks=[_KillAtEpoch(99)])
     other = keras.Sequential([keras.Input((6,)), L.Dense(3)])

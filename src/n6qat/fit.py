@@ -229,6 +229,7 @@ def fit_epochs(
     score_initial: bool = False,
     epoch_begin: Callable[[int], None] | None = None,
     callbacks: Iterable[keras.callbacks.Callback] = (),
+    unlogged: Iterable[str] = (),
 ) -> FitResult:
     """Train the compiled ``trainer`` for ``epochs``; leave the best epoch's weights in ``kept``.
 
@@ -241,10 +242,13 @@ def fit_epochs(
     (a kill in between loses both epochs, never the backup before them). With
     ``score_initial`` the weights before training are scored as epoch 0 and can be
     the ones kept. ``epoch_begin`` runs before each epoch (e.g. activation recalibration).
+    Metrics named in ``unlogged`` stay in the history but not in the log's epoch lines
+    (e.g. training accuracy against soft targets, which means nothing).
     Rerunning with the same ``checkpoint_dir`` continues after the last finished epoch.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    unlogged = tuple(unlogged)
     state = _read_state(checkpoint_dir)
     history: list[dict[str, float]] = state.get("history", [])
     best_epoch: int | None = state.get("best_epoch")
@@ -268,12 +272,13 @@ def fit_epochs(
               new_best)  # fmt: skip
         if number == 0:
             log.info("epoch 0 (before training; scoring %.1f s): %s", scoring,
-                     _brief(epoch.logs))  # fmt: skip
+                     _brief(epoch.logs, unlogged))  # fmt: skip
             return
         timing = f"{epoch.seconds:.1f} s"
         if epoch.score is not None:
             timing += f", scoring {scoring:.1f} s"
-        log.info("epoch %d of %d (%s): %s%s", number, epochs, timing, _brief(epoch.logs),
+        log.info("epoch %d of %d (%s): %s%s", number, epochs, timing,
+                 _brief(epoch.logs, unlogged),
                  " (best so far)" if new_best else "")  # fmt: skip
 
     def finished(logs: dict[str, float], seconds: float) -> None:
@@ -397,8 +402,9 @@ def _patience_exhausted(history, best_epoch, selection: Selection) -> bool:
     return last >= selection.min_epochs and last - best_epoch >= selection.patience
 
 
-def _brief(logs: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k != "epoch")
+def _brief(logs: dict[str, float], unlogged: Iterable[str] = ()) -> str:
+    skip = {"epoch", *unlogged}
+    return " ".join(f"{k}={v:.4f}" for k, v in logs.items() if k not in skip)
 
 
 def _build_optimizer(trainer) -> None:

@@ -343,6 +343,7 @@ def run_qat(
             twin, model, train_ds, val, settings.epochs, checkpoint_dir,
             _selection(settings, score is not None, val is not None, gate, fp32), settings.seed,
             score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
+            unlogged=SOFT_TARGET_METRICS if soft_targets else (),
         )
     finally:
         if background is not None:
