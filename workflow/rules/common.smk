@@ -39,9 +39,9 @@ TF_THREADS = config["compute"]["threads"]
 # DS-CNN; it used one core either way), and the job then runs beside an evaluation.
 CONVERT_THREADS = 1
 # The per-tensor diagnostic used one core at 2 threads (cpu/wall 1.0); on one thread it
-# runs beside the other conversion and its twin instead of after them. Its cosines then
-# differ from 2 threads' by about 1e-13 (summation order); it is fixed at 1 so that they
-# do not depend on compute.threads.
+# runs beside the QAT conversion and the other layer_fidelity, not after them. Its cosines
+# then differ from 2 threads' by about 1e-13 (summation order); it is fixed at 1 so that
+# they do not depend on compute.threads.
 LAYER_FIDELITY_THREADS = 1
 # Scheduling priorities (larger first) along the critical path: QAT, then the two
 # conversions (QAT-INT8's gate reads PTQ's report) and their layer_fidelity (the last long
