@@ -283,6 +283,9 @@ def run_qat(
     checkpoint_dir = Path(checkpoint_dir)
     keras.utils.set_random_seed(settings.seed)
     soft_targets = isinstance(train_ds, EpochBatches) and settings.distillation > 0
+    # Accuracy and AUC against the blended (label + teacher) targets mean nothing: a soft
+    # target never equals a thresholded prediction. Validation keeps the labels.
+    meaningless = SOFT_TARGET_METRICS if soft_targets else ()
     if not isinstance(train_ds, EpochBatches):
         train_ds = _batched(train_ds, model, settings.batch_size, "train_ds")
     elif soft_targets:
@@ -343,17 +346,15 @@ def run_qat(
             twin, model, train_ds, val, settings.epochs, checkpoint_dir,
             _selection(settings, score is not None, val is not None, gate, fp32), settings.seed,
             score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
-            unlogged=SOFT_TARGET_METRICS if soft_targets else (),
+            unlogged=meaningless,
         )
     finally:
         if background is not None:
             background.close()
         for layer, flag in trainable.values():
             layer.trainable = flag
-    if soft_targets:
-        # Accuracy and AUC against the blended (label + teacher) targets mean nothing: a
-        # soft target never equals a thresholded prediction. Validation keeps the labels.
-        history = [{k: v for k, v in logs.items() if k not in SOFT_TARGET_METRICS}
+    if meaningless:
+        history = [{k: v for k, v in logs.items() if k not in meaningless}
                    for logs in result.history]  # fmt: skip
         result = FitResult(history=history, best_epoch=result.best_epoch)
     return result
