@@ -325,13 +325,15 @@ def test_a_full_disk_while_writing_the_tflite_leaves_no_partial_output(
     )  # fmt: skip
     assert done.returncode != 0
     assert (
-        "n6qat error: no space left on the device while writing results/model_ptq_int8.tflite "
+        "n6qat error: no space left on the device while writing "
+        "results/convert/ptq_candidate.tflite "
         "(No space left on device); nothing was written under that name. Free space on it "
         "(df -h results) and run the workflow again.\n(log: logs/convert_ptq.log)"
     ) in output(done)
     results = workdir / "results"
     assert (results / "model/pretrained.keras").is_file()  # the job before it finished
-    for name in ("model_ptq_int8.tflite", "model_ptq_int8_validation.npz", "convert/ptq.json"):
+    for name in ("convert/ptq_candidate.tflite", "model_ptq_int8_validation.npz",
+                 "convert/ptq_candidate.json", "model_ptq_int8.tflite", "convert/ptq.json"):
         assert not (results / name).exists(), name
     assert not [p for p in results.rglob("*") if "partial" in p.name]
 

@@ -1,10 +1,21 @@
 """The INT8 gate: fidelity to the simulation, and losses in points against FP32 and PTQ."""
 
+import json
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from n6qat.gate import GateSettings, failures, gate_checks, gate_table, quality
+from n6qat.errors import N6QATError
+from n6qat.gate import (
+    GateSettings,
+    failures,
+    gate_candidate,
+    gate_checks,
+    gate_table,
+    quality,
+)
 
 LABELS = ["a", "b"]
 
@@ -100,3 +111,59 @@ def test_gate_table_has_one_column_per_model():
     assert table.loc["file-level top-1: loss vs FP32 (points)", "qat"] == pytest.approx(10.0)
     assert table.loc["output cosine, XNNPACK vs built-in kernels (diagnostic)", "ptq"] == 0.98
     assert table.loc["labelled validation files (file top-1 counts these)", "qat"] == 10
+
+
+CONVERT = {"min_simulation_cosine": 0.99, "max_loss_vs_fp32": 3.0, "max_loss_vs_ptq": 1.0,
+           "gate_metrics": ["file_top1"], "gate_models": ["qat"]}  # fmt: skip
+
+
+def _candidate(folder, name, correct, cosine=0.999):
+    """A conversion's outputs as convert_and_measure writes them: TFLite and report."""
+    report = {
+        "model": name, "size_bytes": 3,
+        "simulation_fidelity": {"cosine": cosine, "top1_agreement": 1.0, "samples": 20},
+        "quality": quality(_scores(correct), _scores(10), _chunks(), LABELS),
+        "int8_problems": [],
+    }  # fmt: skip
+    tflite, path = folder / f"{name}_candidate.tflite", folder / f"{name}_candidate.json"
+    tflite.write_bytes(name.encode())
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return tflite, path
+
+
+def test_a_passing_candidate_is_published_with_the_verdict(tmp_path):
+    ptq = gate_candidate(*_candidate(tmp_path, "ptq", 8), CONVERT,
+                         tmp_path / "ptq.tflite", tmp_path / "ptq.json")  # fmt: skip
+    qat = gate_candidate(*_candidate(tmp_path, "qat", 10), CONVERT,
+                         tmp_path / "qat.tflite", tmp_path / "qat.json",
+                         ptq_report=tmp_path / "ptq.json")  # fmt: skip
+    assert (tmp_path / "qat.tflite").read_bytes() == b"qat"
+    published = json.loads((tmp_path / "qat.json").read_text())
+    assert published == json.loads(json.dumps(qat, default=float))
+    assert list(published)[-2:] == ["gate", "int8_problems"]
+    assert published["gate"]["gated"] and published["gate"]["passed"]
+    assert [c["check"] for c in published["gate"]["checks"]] == [
+        "simulation_fidelity", "file_top1_loss_vs_fp32", "file_top1_loss_vs_ptq",
+    ]
+    assert not ptq["gate"]["gated"] and not ptq["gate"]["passed"]  # 20 points below FP32
+
+
+def test_a_gated_model_that_loses_to_ptq_is_not_published(tmp_path):
+    gate_candidate(*_candidate(tmp_path, "ptq", 10), CONVERT,
+                   tmp_path / "ptq.tflite", tmp_path / "ptq.json")  # fmt: skip
+    with pytest.raises(N6QATError, match="loses 10.0 points of file-level top-1 to the PTQ"):
+        gate_candidate(*_candidate(tmp_path, "qat", 9), CONVERT,
+                       tmp_path / "qat.tflite", tmp_path / "qat.json",
+                       ptq_report=tmp_path / "ptq.json")  # fmt: skip
+    assert not (tmp_path / "qat.tflite").exists() and not (tmp_path / "qat.json").exists()
+    assert (tmp_path / "qat_candidate.tflite").is_file()  # kept for a look at what failed
+
+
+def test_an_ungated_model_is_published_with_its_failures_as_warnings(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="n6qat.gate"):
+        report = gate_candidate(*_candidate(tmp_path, "ptq", 10, cosine=0.9), CONVERT,
+                                tmp_path / "ptq.tflite", tmp_path / "ptq.json")  # fmt: skip
+    assert (tmp_path / "ptq.tflite").is_file() and not report["gate"]["passed"]
+    failed = report["gate"]["checks"][0]
+    assert failed["check"] == "simulation_fidelity" and "cosine 0.9000" in failed["message"]
+    assert "not gated: ptq is not in convert.gate_models" in caplog.text

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.workflow]
 STAGES = {
     "pretrain": (("pretrain", "prepare_pretrained"), "pretrain.tsv"),
     "qat": (("qat",), "qat.tsv"),
-    "conversion": (("convert_int8", "layer_fidelity"), "convert_*.tsv"),
+    "conversion": (("convert_int8", "gate_int8", "layer_fidelity"), "convert_*.tsv"),
     "evaluation": (("evaluate_model", "evaluate_summary"), "evaluate_*.tsv"),
     "report": (("report_",), "report_*.tsv"),
 }
@@ -45,7 +45,8 @@ EXACT = [
     "results/model/pretrained.keras", "results/model/pretrained.json",
     "results/model/qat.keras", "results/model/qat_history.csv",
     *(f"results/model_{m}_int8{e}" for m in ("ptq", "qat") for e in (".tflite", "_validation.npz")),
-    *(f"results/convert/{m}{e}" for m in ("ptq", "qat") for e in (".json", "_layers.csv")),
+    *(f"results/convert/{m}{e}" for m in ("ptq", "qat")
+      for e in ("_candidate.tflite", "_candidate.json", ".json", "_layers.csv")),
 ]  # fmt: skip
 JOB_START = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    jobid: (\d+)$", re.MULTILINE)
 JOB_END = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+)\)", re.MULTILINE)

@@ -243,7 +243,7 @@ def calibration_set(features: np.ndarray, chunks: pd.DataFrame, settings: dict) 
     return np.asarray(features[picked], dtype=np.float32)
 
 
-def convert_and_check(
+def convert_and_measure(
     model: keras.Model,
     name: str,
     train: tuple[np.ndarray, pd.DataFrame],
@@ -254,27 +254,20 @@ def convert_and_check(
     out_report: Path,
     labels: list[str],
     reference: keras.Model | None = None,
-    ptq_report: dict | None = None,
     pooling: str = "mean",
     threshold: float = 0.5,
 ) -> dict:
-    """Convert ``model`` to full INT8, check it and gate it on what is deployed.
+    """Convert ``model`` to full INT8 and measure what the INT8 gate judges.
 
     Calibration draws ``calibration_size`` loud-enough training chunks, stratified by
-    class. The gate (``n6qat.gate``) compares the TFLite with the model's INT8
-    simulation (fidelity) and with the FP32 ``reference`` (default: ``model``) on the
-    whole validation split in file-level metrics, and, given ``ptq_report``, with the
-    PTQ baseline. ``validation_size`` validation chunks are saved with the float model's
-    outputs for ``stedgeai validate`` and the host check. Nothing is written unless the
-    model is pure INT8 and, when ``name`` is in ``convert.gate_models``, passes the gate.
+    class. On the whole validation split the TFLite is compared with the model's INT8
+    simulation (fidelity) and with the FP32 ``reference`` (default: ``model``) in
+    file-level metrics; ``n6qat.gate.gate_candidate`` judges the report and publishes the
+    model. The TFLite and the report are the gate's candidate; ``validation_size``
+    validation chunks are saved with the float model's outputs for ``stedgeai validate``
+    and the host check. Nothing is written unless the model is pure INT8.
     """
-    from n6qat.gate import (
-        GateSettings,
-        failures,
-        gate_checks,
-        quality,
-        without_passed_messages,
-    )
+    from n6qat.gate import quality
     from n6qat.int8_twin import simulated_int8
     from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
 
@@ -305,13 +298,6 @@ def convert_and_check(
         val_chunks["label_index"].to_numpy(), val_chunks["energy"].to_numpy(),
         settings["validation_size"], 0.0, settings["seed"],
     )
-    measured = quality(int8_scores, fp32_scores, val_chunks, labels, pooling, threshold)
-    fidelity = {**agreement(simulated, int8_scores), "samples": len(x_all)}
-    checks = gate_checks(
-        name, fidelity, measured, GateSettings.from_config(settings),
-        ptq=None if ptq_report is None else ptq_report["quality"],
-    )
-    gated = name in settings["gate_models"]
     report = {
         "model": name,
         "size_bytes": len(tflite_bytes),
@@ -321,25 +307,16 @@ def convert_and_check(
         "validation_chunks": int(len(pick)),
         "per_channel": settings["per_channel"],
         "agreement": agreement(float_scores[pick], int8_scores[pick]),
-        "simulation_fidelity": fidelity,
+        "simulation_fidelity": {**agreement(simulated, int8_scores), "samples": len(x_all)},
         # Diagnostic: LiteRT's default XNNPACK int8 kernels against the built-in ones that
         # every score here uses (n6qat.litert); a runtime using XNNPACK differs this much.
         "host_runtime_spread": {**agreement(int8_scores, xnnpack_scores), "samples": len(x_all)},
-        "quality": measured,
-        "gate": {
-            "gated": gated, "passed": not failures(checks),
-            "checks": without_passed_messages(checks),
-        },
+        "quality": quality(int8_scores, fp32_scores, val_chunks, labels, pooling, threshold),
         "int8_problems": problems,
     }
     log.info("%s INT8: %d bytes\n%s", name, len(tflite_bytes), json.dumps(
-        {k: report[k] for k in ("agreement", "simulation_fidelity", "quality", "gate")},
+        {k: report[k] for k in ("agreement", "simulation_fidelity", "quality")},
         indent=1, default=float))
-    failed = failures(checks)
-    if failed and gated:
-        raise N6QATError("\n".join(failed))
-    for message in failed:
-        log.warning("%s (not gated: %s is not in convert.gate_models)", message, name)
     write_bytes(out_tflite, tflite_bytes)
     save_validation_npz(out_validation, x_all[pick], float_scores[pick])
     write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")

@@ -12,17 +12,29 @@ what does a user lose by deploying the INT8 model instead of the FP32 reference,
 metrics they read (file-level top-1, macro F1, cmAP, top-1 agreement), on the validation
 split? Losses are in metric points (percentage points; cmAP x 100). The float-vs-INT8 output
 cosine stays a diagnostic.
+
+The gate is its own step (``gate_candidate``, rule ``gate_int8``): the conversion writes a
+candidate and its measurements, the gate judges them and publishes the model under its
+deliverable name only if it passes. So the QAT model's conversion does not wait for the
+PTQ baseline's, which only its gate needs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from n6qat.atomic import write_bytes, write_text
 from n6qat.config import with_schema_defaults
+from n6qat.errors import N6QATError
 from n6qat.evaluate import pool_files, validation_metrics
+
+log = logging.getLogger(__name__)
 
 QUALITY_METRICS = ("file_top1", "file_macro_f1", "file_cmap")
 METRIC_NAMES = {
@@ -177,6 +189,63 @@ def without_passed_messages(checks: list[dict]) -> list[dict]:
         {k: v for k, v in check.items() if k != "message" or not check["passed"]}
         for check in checks
     ]
+
+
+def judged(
+    report: dict, convert: dict, ptq_report: dict | None = None
+) -> tuple[dict, list[str]]:
+    """A conversion's report (``n6qat.convert.convert_and_measure``) with the gate's verdict,
+    and the messages of the checks that failed.
+
+    ``convert``: the config's ``convert`` section; ``ptq_report``: the PTQ baseline's
+    report, for a QAT model (its quality is the baseline the QAT model must not lose to).
+    """
+    name = report["model"]
+    checks = gate_checks(
+        name,
+        report["simulation_fidelity"],
+        report["quality"],
+        GateSettings.from_config(convert),
+        ptq=None if ptq_report is None else ptq_report["quality"],
+    )
+    verdict = {
+        "gated": name in convert["gate_models"],
+        "passed": not failures(checks),
+        "checks": without_passed_messages(checks),
+    }
+    published = {k: v for k, v in report.items() if k != "int8_problems"}
+    published["gate"] = verdict
+    published["int8_problems"] = report["int8_problems"]  # last, where reports had it
+    return published, failures(checks)
+
+
+def gate_candidate(
+    candidate_tflite: Path,
+    candidate_report: Path,
+    convert: dict,
+    out_tflite: Path,
+    out_report: Path,
+    ptq_report: Path | None = None,
+) -> dict:
+    """Judge a converted model and publish it under its deliverable name if it passes.
+
+    A model in ``convert.gate_models`` that fails a check raises N6QATError with every
+    failed check's message, and nothing is written; any other model is published with
+    the failures logged as warnings. The published report is the candidate's with a
+    ``gate`` section: each check's measurement and limit (a message where it failed).
+    """
+    report = json.loads(Path(candidate_report).read_text())
+    baseline = None if ptq_report is None else json.loads(Path(ptq_report).read_text())
+    report, failed = judged(report, convert, baseline)
+    name = report["model"]
+    log.info("%s INT8 gate:\n%s", name, json.dumps(report["gate"], indent=1, default=float))
+    if failed and report["gate"]["gated"]:
+        raise N6QATError("\n".join(failed))
+    for message in failed:
+        log.warning("%s (not gated: %s is not in convert.gate_models)", message, name)
+    write_bytes(out_tflite, Path(candidate_tflite).read_bytes())
+    write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")
+    return report
 
 
 def gate_table(reports: dict[str, dict]) -> pd.DataFrame:

@@ -44,8 +44,8 @@ CONVERT_THREADS = 1
 # they do not depend on compute.threads.
 LAYER_FIDELITY_THREADS = 1
 # Scheduling priorities (larger first) along the critical path: QAT, then the two
-# conversions (QAT-INT8's gate reads PTQ's report) and their layer_fidelity (the last long
-# job: small report jobs took its core first). Without them, on 2 cores the PTQ branch's
+# conversions (side by side: only QAT-INT8's gate reads PTQ's report), their gates and
+# their layer_fidelity (the last long job: small report jobs took its core first). Without them, on 2 cores the PTQ branch's
 # evaluations ran before QAT, and QAT's 2 threads waited for free cores.
 PRIORITY_QAT = 2
 PRIORITY_CONVERT = 1
@@ -135,11 +135,19 @@ def keras_model_for(wildcards):
 
 
 def convert_inputs(wildcards):
-    """What converting one INT8 model needs beyond the features: the FP32 reference and,
-    for QAT, the PTQ baseline's report (the gate compares QAT-INT8 with PTQ-INT8)."""
-    inputs = {
+    """What converting one INT8 model needs beyond the features: the FP32 reference."""
+    return {
         "model": keras_model_for(wildcards),
         "reference": "results/model/pretrained.keras",
+    }
+
+
+def gate_inputs(wildcards):
+    """What the gate judges: the candidate, its measurements and, for QAT, the PTQ
+    baseline's published report (QAT-INT8 may not lose to PTQ-INT8)."""
+    inputs = {
+        "tflite": f"results/convert/{wildcards.model}_candidate.tflite",
+        "report": f"results/convert/{wildcards.model}_candidate.json",
     }
     if wildcards.model == "qat":
         inputs["ptq_report"] = "results/convert/ptq.json"

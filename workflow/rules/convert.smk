@@ -7,9 +7,9 @@ rule convert_int8:
         val="results/features/val.npy",
         val_chunks="results/features/val_chunks.csv",
     output:
-        tflite="results/model_{model}_int8.tflite",
+        tflite="results/convert/{model}_candidate.tflite",
         validation="results/model_{model}_int8_validation.npz",
-        report="results/convert/{model}.json",
+        report="results/convert/{model}_candidate.json",
     log:
         "logs/convert_{model}.log",
     benchmark:
@@ -29,10 +29,33 @@ rule convert_int8:
         "../scripts/convert_int8.py"
 
 
+rule gate_int8:
+    input:
+        unpack(gate_inputs),
+    output:
+        tflite="results/model_{model}_int8.tflite",
+        report="results/convert/{model}.json",
+    log:
+        "logs/gate_{model}.log",
+    benchmark:
+        "benchmarks/runs/gate_{model}.tsv"
+    priority: PRIORITY_CONVERT
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        convert=config["convert"],
+    script:
+        "../scripts/gate_int8.py"
+
+
 rule layer_fidelity:
     input:
         model=keras_model_for,
-        tflite="results/model_{model}_int8.tflite",
+        tflite="results/convert/{model}_candidate.tflite",
         validation="results/model_{model}_int8_validation.npz",
     output:
         csv="results/convert/{model}_layers.csv",

@@ -1,17 +1,15 @@
-"""Full-INT8 conversion of one float model, checked and gated (thin adapter over n6qat.convert)."""
+"""Full-INT8 conversion of one float model, measured for the gate (adapter over n6qat.convert)."""
 
-import json
 from pathlib import Path
 
-from n6qat.convert import convert_and_check
+from n6qat.convert import convert_and_measure
 from n6qat.model import load_model, read_labels
 from n6qat.rulelog import rule_logging
 from n6qat.train import configure_runtime, load_split
 
 with rule_logging(snakemake.log[0]):
     configure_runtime(snakemake.params.threads)
-    ptq_report = snakemake.input.get("ptq_report")
-    convert_and_check(
+    convert_and_measure(
         load_model(snakemake.input.model),
         name=snakemake.wildcards.model,
         train=load_split(snakemake.input.train, snakemake.input.train_chunks),
@@ -22,7 +20,6 @@ with rule_logging(snakemake.log[0]):
         out_report=Path(snakemake.output.report),
         labels=read_labels(snakemake.input.labels),
         reference=load_model(snakemake.input.reference),
-        ptq_report=json.loads(Path(ptq_report).read_text()) if ptq_report else None,
         pooling=snakemake.params.evaluate["pooling"],
         threshold=snakemake.params.evaluate["threshold"],
     )
