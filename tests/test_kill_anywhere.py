@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.workflow]
 STAGES = {
     "pretrain": (("pretrain", "prepare_pretrained"), "pretrain.tsv"),
     "qat": (("qat",), "qat.tsv"),
-    "conversion": (("convert_int8", "gate_int8", "layer_fidelity"), "convert_*.tsv"),
+    "conversion": (("convert_int8", "gate_int8"), "convert_*.tsv"),
     "evaluation": (("evaluate_model", "evaluate_summary"), "evaluate_*.tsv"),
     "report": (("report_",), "report_*.tsv"),
 }

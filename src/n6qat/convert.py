@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from n6qat.atomic import write_bytes, write_text
+from n6qat.atomic import write_bytes, write_csv, write_text
 from n6qat.errors import N6QATError
 from n6qat.litert import run_tflite
 from n6qat.metrics import agreement
@@ -256,6 +256,8 @@ def convert_and_measure(
     reference: keras.Model | None = None,
     pooling: str = "mean",
     threshold: float = 0.5,
+    out_layers: Path | None = None,
+    layer_samples: int = 64,
 ) -> dict:
     """Convert ``model`` to full INT8 and measure what the INT8 gate judges.
 
@@ -265,7 +267,9 @@ def convert_and_measure(
     file-level metrics; ``n6qat.gate.gate_candidate`` judges the report and publishes the
     model. The TFLite and the report are the gate's candidate; ``validation_size``
     validation chunks are saved with the float model's outputs for ``stedgeai validate``
-    and the host check. Nothing is written unless the model is pure INT8.
+    and the host check. With ``out_layers``, the per-tensor diagnostic
+    (``n6qat.layer_fidelity``) of the first ``layer_samples`` of them is written there as
+    CSV (one LiteRT thread). Nothing is written unless the model is pure INT8.
     """
     from n6qat.gate import quality
     from n6qat.int8_twin import simulated_int8
@@ -319,5 +323,11 @@ def convert_and_measure(
         indent=1, default=float))
     write_bytes(out_tflite, tflite_bytes)
     save_validation_npz(out_validation, x_all[pick], float_scores[pick])
+    if out_layers is not None:
+        from n6qat.layer_fidelity import layer_fidelity
+
+        layers = layer_fidelity(model, tflite_bytes, x_all[pick], max_samples=layer_samples)
+        log.info("%s INT8, per tensor:\n%s", name, layers.drop(columns="tensor").to_string())
+        write_csv(out_layers, layers)
     write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")
     return report

@@ -36,17 +36,15 @@ if config["qat"]["per_channel"] != config["convert"]["per_channel"]:
 # --cores, so that the same config and seed give the same bytes (config/README.md).
 TF_THREADS = config["compute"]["threads"]
 # Conversion runs on one thread: its outputs were the same bytes at 1 and 2 threads (demo
-# DS-CNN; it used one core either way), and the job then runs beside an evaluation.
+# DS-CNN; it used one core either way), and the job then runs beside an evaluation or the
+# other conversion. Its per-tensor diagnostic (results/convert/<model>_layers.csv) runs
+# in the same job, so on one thread too: its cosines differ from 2 threads' by about
+# 1e-13 (summation order) and do not depend on compute.threads.
 CONVERT_THREADS = 1
-# The per-tensor diagnostic used one core at 2 threads (cpu/wall 1.0); on one thread it
-# runs beside the QAT conversion and the other layer_fidelity, not after them. Its cosines
-# then differ from 2 threads' by about 1e-13 (summation order); it is fixed at 1 so that
-# they do not depend on compute.threads.
-LAYER_FIDELITY_THREADS = 1
 # Scheduling priorities (larger first) along the critical path: QAT, then the two
-# conversions (side by side: only QAT-INT8's gate reads PTQ's report), their gates and
-# their layer_fidelity (the last long job: small report jobs took its core first). Without them, on 2 cores the PTQ branch's
-# evaluations ran before QAT, and QAT's 2 threads waited for free cores.
+# conversions (side by side: only QAT-INT8's gate reads PTQ's report) and their gates.
+# Without them, on 2 cores the PTQ branch's evaluations ran before QAT, and QAT's 2
+# threads waited for free cores.
 PRIORITY_QAT = 2
 PRIORITY_CONVERT = 1
 DEMO_ROOT = "resources/demo"

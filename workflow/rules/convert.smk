@@ -10,6 +10,7 @@ rule convert_int8:
         tflite="results/convert/{model}_candidate.tflite",
         validation="results/model_{model}_int8_validation.npz",
         report="results/convert/{model}_candidate.json",
+        layers="results/convert/{model}_layers.csv",
     log:
         "logs/convert_{model}.log",
     benchmark:
@@ -20,10 +21,11 @@ rule convert_int8:
     threads: CONVERT_THREADS
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=45,
     params:
         convert=config["convert"],
         evaluate=config["evaluate"],
+        layer_samples=64,
         threads=CONVERT_THREADS,
     script:
         "../scripts/convert_int8.py"
@@ -50,28 +52,3 @@ rule gate_int8:
         convert=config["convert"],
     script:
         "../scripts/gate_int8.py"
-
-
-rule layer_fidelity:
-    input:
-        model=keras_model_for,
-        tflite="results/convert/{model}_candidate.tflite",
-        validation="results/model_{model}_int8_validation.npz",
-    output:
-        csv="results/convert/{model}_layers.csv",
-    log:
-        "logs/convert_{model}_layers.log",
-    benchmark:
-        "benchmarks/runs/layer_fidelity_{model}.tsv"
-    priority: PRIORITY_CONVERT
-    conda:
-        "../../envs/tf.yaml"
-    threads: LAYER_FIDELITY_THREADS
-    resources:
-        mem_mb=3000,
-        runtime=15,
-    params:
-        max_samples=64,
-        threads=LAYER_FIDELITY_THREADS,
-    script:
-        "../scripts/layer_fidelity.py"

@@ -22,4 +22,6 @@ with rule_logging(snakemake.log[0]):
         reference=load_model(snakemake.input.reference),
         pooling=snakemake.params.evaluate["pooling"],
         threshold=snakemake.params.evaluate["threshold"],
+        out_layers=Path(snakemake.output.layers),
+        layer_samples=snakemake.params.layer_samples,
     )
