@@ -46,7 +46,8 @@ EXACT = [
     "results/model/qat.keras", "results/model/qat_history.csv",
     *(f"results/model_{m}_int8{e}" for m in ("ptq", "qat") for e in (".tflite", "_validation.npz")),
     *(f"results/convert/{m}{e}" for m in ("ptq", "qat")
-      for e in ("_candidate.tflite", "_candidate.json", ".json", "_layers.csv")),
+      for e in ("_candidate.tflite", "_candidate.json", ".json", "_layers.csv",
+                "_weight_sqnr.csv")),
 ]  # fmt: skip
 JOB_START = re.compile(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    jobid: (\d+)$", re.MULTILINE)
 JOB_END = re.compile(r"^Finished jobid: (\d+) \(Rule: (\w+)\)", re.MULTILINE)

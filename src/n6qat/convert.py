@@ -258,6 +258,7 @@ def convert_and_measure(
     threshold: float = 0.5,
     out_layers: Path | None = None,
     layer_samples: int = 64,
+    out_weights: Path | None = None,
 ) -> dict:
     """Convert ``model`` to full INT8 and measure what the INT8 gate judges.
 
@@ -269,7 +270,9 @@ def convert_and_measure(
     validation chunks are saved with the float model's outputs for ``stedgeai validate``
     and the host check. With ``out_layers``, the per-tensor diagnostic
     (``n6qat.layer_fidelity``) of the first ``layer_samples`` of them is written there as
-    CSV (one LiteRT thread). Nothing is written unless the model is pure INT8.
+    CSV (one LiteRT thread); with ``out_weights``, each layer's weight SQNR against the
+    float kernel it came from (``n6qat.report_tables.weight_sqnr``). Nothing is written
+    unless the model is pure INT8.
     """
     from n6qat.gate import quality
     from n6qat.int8_twin import simulated_int8
@@ -329,5 +332,14 @@ def convert_and_measure(
         layers = layer_fidelity(model, tflite_bytes, x_all[pick], max_samples=layer_samples)
         log.info("%s INT8, per tensor:\n%s", name, layers.drop(columns="tensor").to_string())
         write_csv(out_layers, layers)
+    if out_weights is not None:
+        from n6qat.report_tables import folded_float_kernels, weight_sqnr
+        from n6qat.tflite_inspect import tflite_weights
+
+        kernels = folded_float_kernels(model)
+        weights = weight_sqnr(kernels, tflite_weights(tflite_bytes))
+        log.info("%s INT8 weights: %d of %d float kernels paired\n%s", name, len(weights),
+                 len(kernels), weights.to_string(index=False))  # fmt: skip
+        write_csv(out_weights, weights)
     write_text(out_report, json.dumps(report, indent=2, default=float) + "\n")
     return report

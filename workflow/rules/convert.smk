@@ -11,6 +11,7 @@ rule convert_int8:
         validation="results/model_{model}_int8_validation.npz",
         report="results/convert/{model}_candidate.json",
         layers="results/convert/{model}_layers.csv",
+        weights="results/convert/{model}_weight_sqnr.csv",
     log:
         "logs/convert_{model}.log",
     benchmark:

@@ -1,17 +1,10 @@
 # Report stage: figures and tables for `snakemake --report results/report.html`, each
 # wrapped in report() with a caption from workflow/report/.
 
-from types import SimpleNamespace
-
 REPORT_CONFUSION_MODELS = ["fp32", "qat_int8"]
 REPORT_AP_MODELS = ["fp32", "ptq_int8", "qat_int8"]
 REPORT_SCATTER_PAIRS = [["fp32", "ptq_int8"], ["qat_fp32", "qat_int8"]]
 
-# Each INT8 model's .tflite and the float .keras it was converted from.
-CONVERTED_MODELS = {
-    "keras": [keras_model_for(SimpleNamespace(model=m)) for m in INT8_MODELS],
-    "tflite": expand("results/model_{model}_int8.tflite", model=INT8_MODELS),
-}
 # QAT's history, and pretraining's when this run trained the FP32 model itself.
 TRAINING_HISTORIES = {"qat": "results/model/qat_history.csv"}
 if not config["model"]["pretrained"]:
@@ -119,7 +112,11 @@ REPORT_RULES = {
     },
     "weight_sqnr": {
         "category": "4. Quantization",
-        "input": CONVERTED_MODELS,
+        "input": {
+            "tables": expand(
+                "results/convert/{model}_weight_sqnr.csv", model=INT8_MODELS
+            )
+        },
         "shown": {
             "figure": (
                 "results/report/weight_sqnr.png",
@@ -129,8 +126,6 @@ REPORT_RULES = {
         },
         "files": {"csv": "results/report/weight_sqnr.csv"},
         "params": {"models": [short_name(model) for model in INT8_MODELS]},
-        "mem_mb": 3000,
-        "runtime": 15,
     },
     "data": {
         "category": "5. Data",

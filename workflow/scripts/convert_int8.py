@@ -24,4 +24,5 @@ with rule_logging(snakemake.log[0]):
         threshold=snakemake.params.evaluate["threshold"],
         out_layers=Path(snakemake.output.layers),
         layer_samples=snakemake.params.layer_samples,
+        out_weights=Path(snakemake.output.weights),
     )
