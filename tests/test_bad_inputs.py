@@ -328,7 +328,7 @@ def test_a_full_disk_while_writing_the_tflite_leaves_no_partial_output(
         "n6qat error: no space left on the device while writing "
         "results/convert/ptq_candidate.tflite "
         "(No space left on device); nothing was written under that name. Free space on it "
-        "(df -h results) and run the workflow again.\n(log: logs/convert_ptq.log)"
+        "(df -h results/convert) and run the workflow again.\n(log: logs/convert_ptq.log)"
     ) in output(done)
     results = workdir / "results"
     assert (results / "model/pretrained.keras").is_file()  # the job before it finished
