@@ -208,15 +208,15 @@ def judged(
         GateSettings.from_config(convert),
         ptq=None if ptq_report is None else ptq_report["quality"],
     )
-    verdict = {
+    failed = failures(checks)
+    published = {k: v for k, v in report.items() if k != "int8_problems"}
+    published["gate"] = {
         "gated": name in convert["gate_models"],
-        "passed": not failures(checks),
+        "passed": not failed,
         "checks": without_passed_messages(checks),
     }
-    published = {k: v for k, v in report.items() if k != "int8_problems"}
-    published["gate"] = verdict
     published["int8_problems"] = report["int8_problems"]  # last, where reports had it
-    return published, failures(checks)
+    return published, failed
 
 
 def gate_candidate(

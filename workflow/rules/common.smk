@@ -132,14 +132,6 @@ def keras_model_for(wildcards):
     ]
 
 
-def convert_inputs(wildcards):
-    """What converting one INT8 model needs beyond the features: the FP32 reference."""
-    return {
-        "model": keras_model_for(wildcards),
-        "reference": "results/model/pretrained.keras",
-    }
-
-
 def gate_inputs(wildcards):
     """What the gate judges: the candidate, its measurements and, for QAT, the PTQ
     baseline's published report (QAT-INT8 may not lose to PTQ-INT8)."""

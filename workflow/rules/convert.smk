@@ -1,6 +1,7 @@
 rule convert_int8:
     input:
-        unpack(convert_inputs),
+        model=keras_model_for,
+        reference="results/model/pretrained.keras",
         labels="results/index/labels.txt",
         train="results/features/train.npy",
         train_chunks="results/features/train_chunks.csv",
