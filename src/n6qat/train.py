@@ -192,6 +192,37 @@ def pretrain_rule(
     )
 
 
+def prepare_rule(
+    checkpoint: Path, inputs, settings, cfg: dict, threads: int, backup_base: Path,
+    out_model: Path, out_info: Path,
+) -> None:
+    """Check ``checkpoint`` against the features and classes, swap and train its head if
+    config section ``model`` (``cfg``) asks, and save it as the pretrained model.
+
+    ``inputs`` names the labels file and what ``pretrain_rule`` reads. Runs as rule
+    ``prepare_pretrained`` on a user's checkpoint, and inside ``pretrain`` on the model it
+    has just saved (the same function on the same file: the same bytes, one process fewer).
+    """
+    from n6qat.model import prepare_pretrained, read_labels, save_model, write_json
+
+    labels = read_labels(inputs.labels)
+    model, info, replaced = prepare_pretrained(
+        checkpoint, labels, settings, labels_file=cfg["labels"], safe_mode=cfg["safe_mode"],
+        replace=cfg["replace_head"], seed=cfg["seed"], train_frontend=not cfg["freeze_frontend"],
+    )
+    if replaced:
+        log.info("classifier head replaced for %d classes; training it", len(labels))
+        backup = backup_dir(backup_base, {**cfg, "threads": threads}, tuple(inputs))
+        result = pretrain_rule(
+            model, inputs, len(labels), cfg, backup, epochs=cfg["head_epochs"],
+            trainable_head_only=True,
+        )
+        info["head_training"] = {"best_epoch": result.best_epoch, "epochs": result.history}
+        finish_backup(backup)
+    save_model(model, out_model)
+    write_json(out_info, info)
+
+
 def finish_backup(checkpoint_dir: Path) -> None:
     """Drop a finished run's epoch backups."""
     import shutil

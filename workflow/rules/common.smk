@@ -113,9 +113,18 @@ def feature_settings():
     return {**config["features"], **(read_sidecar(sidecar) if sidecar else {})}
 
 
-def pretrained_checkpoint():
-    """The user's checkpoint, or the one the pretrain rule makes."""
-    return config["model"]["pretrained"] or "results/model/fp32_trained.keras"
+def prepared_by_pretrain():
+    """pretrain's extra outputs when it trains the model QAT starts from (no model.pretrained).
+
+    It then checks and saves its model as prepare_pretrained does with a user's checkpoint
+    (n6qat.train.prepare_rule, the same bytes), without a TensorFlow process of its own.
+    """
+    if config["model"]["pretrained"]:
+        return {}
+    return {
+        "pretrained": "results/model/pretrained.keras",
+        "info": "results/model/pretrained.json",
+    }
 
 
 def quantization_start():

@@ -7,6 +7,7 @@ rule pretrain:
         upsampled="results/index/train_upsampled.csv",
         labels="results/index/labels.txt",
     output:
+        **prepared_by_pretrain(),
         model="results/model/fp32_trained.keras",
         history="results/model/pretrain_history.csv",
     log:
@@ -24,39 +25,43 @@ rule pretrain:
         model=config["model"],
         threads=TF_THREADS,
         backup="results/model/.backup/pretrain",
+        head_backup="results/model/.backup/head",
     script:
         "../scripts/pretrain.py"
 
 
-rule prepare_pretrained:
-    input:
-        checkpoint=pretrained_checkpoint(),
-        labels="results/index/labels.txt",
-        train="results/features/train.npy",
-        train_chunks="results/features/train_chunks.csv",
-        val="results/features/val.npy",
-        val_chunks="results/features/val_chunks.csv",
-        upsampled="results/index/train_upsampled.csv",
-    output:
-        model="results/model/pretrained.keras",
-        info="results/model/pretrained.json",
-    log:
-        "logs/prepare_pretrained.log",
-    benchmark:
-        "benchmarks/runs/prepare_pretrained.tsv"
-    conda:
-        "../../envs/tf.yaml"
-    threads: TF_THREADS
-    resources:
-        mem_mb=6000,
-        runtime=60,
-    params:
-        settings=feature_settings(),
-        model=config["model"],
-        threads=TF_THREADS,
-        backup="results/model/.backup/head",
-    script:
-        "../scripts/prepare_pretrained.py"
+# A workflow-trained model is prepared inside pretrain (prepared_by_pretrain).
+if config["model"]["pretrained"]:
+
+    rule prepare_pretrained:
+        input:
+            checkpoint=config["model"]["pretrained"],
+            labels="results/index/labels.txt",
+            train="results/features/train.npy",
+            train_chunks="results/features/train_chunks.csv",
+            val="results/features/val.npy",
+            val_chunks="results/features/val_chunks.csv",
+            upsampled="results/index/train_upsampled.csv",
+        output:
+            model="results/model/pretrained.keras",
+            info="results/model/pretrained.json",
+        log:
+            "logs/prepare_pretrained.log",
+        benchmark:
+            "benchmarks/runs/prepare_pretrained.tsv"
+        conda:
+            "../../envs/tf.yaml"
+        threads: TF_THREADS
+        resources:
+            mem_mb=6000,
+            runtime=60,
+        params:
+            settings=feature_settings(),
+            model=config["model"],
+            threads=TF_THREADS,
+            backup="results/model/.backup/head",
+        script:
+            "../scripts/prepare_pretrained.py"
 
 
 rule equalize:

@@ -3,7 +3,14 @@
 from n6qat.features import FeatureSettings
 from n6qat.model import build_dscnn, read_labels, save_model
 from n6qat.rulelog import rule_logging
-from n6qat.train import backup_dir, configure_runtime, finish_backup, pretrain_rule, write_history
+from n6qat.train import (
+    backup_dir,
+    configure_runtime,
+    finish_backup,
+    prepare_rule,
+    pretrain_rule,
+    write_history,
+)
 
 with rule_logging(snakemake.log[0]) as log:
     configure_runtime(snakemake.params.threads, snakemake.params.model["seed"])
@@ -25,4 +32,9 @@ with rule_logging(snakemake.log[0]) as log:
     )
     save_model(model, snakemake.output.model)
     write_history(result, snakemake.output.history)
+    if "pretrained" in snakemake.output.keys():  # no model.pretrained: prepare this model
+        prepare_rule(
+            snakemake.output.model, snakemake.input, settings, cfg, snakemake.params.threads,
+            snakemake.params.head_backup, snakemake.output.pretrained, snakemake.output.info,
+        )
     finish_backup(backup)
