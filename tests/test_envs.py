@@ -27,29 +27,37 @@ NOT_PYTHON = {"python", "pip", "libsndfile"}
 def rule_blocks() -> dict[str, dict[str, str]]:
     """Each rule's `conda:` and `script:` paths, from the workflow as Snakemake parses it.
 
-    A rule made in a loop (report.smk's table) names its script by its own name at run
-    time (`../scripts/<rule>.py`); every other script path is a constant of the rule.
+    It is parsed twice, with the default config and with a user checkpoint (`model.pretrained`),
+    since some rules exist only with one (prepare_pretrained). A rule made in a loop
+    (report.smk's table) names its script by its own name at run time
+    (`../scripts/<rule>.py`); every other script path is a constant of the rule.
     """
     import tempfile
+    import zipfile
 
     from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import OutputSettings, ResourceSettings
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
 
     rules: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config").symlink_to(ROOT / "config")
-        with SnakemakeApi(OutputSettings()) as api:
-            workflow = api.workflow(
-                resource_settings=ResourceSettings(), snakefile=ROOT / "Snakefile",
-                workdir=Path(tmp),
-            )._workflow  # fmt: skip
-            for rule in workflow.rules:
-                found = {"conda": rule.conda_env} if rule.conda_env else {}
-                if rule.is_script:
-                    constants = [c for c in rule.run_func.__code__.co_consts
-                                 if isinstance(c, str) and c.startswith("..") and c.endswith(".py")]
-                    found["script"] = constants[0] if constants else f"../scripts/{rule.name}.py"
-                rules[rule.name] = found
+        with zipfile.ZipFile(Path(tmp) / "user.keras", "w") as archive:  # parsing checks
+            archive.writestr("config.json", "{}")  # that it is a .keras zip, nothing more
+        for overrides in ({}, {"model": {"pretrained": "user.keras"}}):
+            with SnakemakeApi(OutputSettings()) as api:
+                workflow = api.workflow(
+                    resource_settings=ResourceSettings(), snakefile=ROOT / "Snakefile",
+                    workdir=Path(tmp), config_settings=ConfigSettings(config=overrides),
+                )._workflow  # fmt: skip
+                for rule in workflow.rules:
+                    found = {"conda": rule.conda_env} if rule.conda_env else {}
+                    if rule.is_script:
+                        constants = [c for c in rule.run_func.__code__.co_consts
+                                     if isinstance(c, str) and c.startswith("..")
+                                     and c.endswith(".py")]  # fmt: skip
+                        found["script"] = (constants[0] if constants
+                                           else f"../scripts/{rule.name}.py")  # fmt: skip
+                    rules[rule.name] = found
     return rules
 
 
