@@ -99,11 +99,14 @@ def data_fingerprints(wildcards=None):
     }
 
 
+# The user's FP32 checkpoint, or "" when the pretrain rule trains the model QAT starts from.
+USER_CHECKPOINT = config["model"]["pretrained"]
+
+
 def checkpoint_sidecar():
     """The pretrained checkpoint's <stem>_model_config.json, when there is one."""
-    model_file = config["model"]["pretrained"]
-    if model_file and sidecar_path(model_file).is_file():
-        return str(sidecar_path(model_file))
+    if USER_CHECKPOINT and sidecar_path(USER_CHECKPOINT).is_file():
+        return str(sidecar_path(USER_CHECKPOINT))
     return None
 
 
@@ -114,12 +117,12 @@ def feature_settings():
 
 
 def prepared_by_pretrain():
-    """pretrain's extra outputs when it trains the model QAT starts from (no model.pretrained).
+    """pretrain's extra outputs when it trains the model QAT starts from (no USER_CHECKPOINT).
 
     It then checks and saves its model as prepare_pretrained does with a user's checkpoint
     (n6qat.train.prepare_rule, the same bytes), without a TensorFlow process of its own.
     """
-    if config["model"]["pretrained"]:
+    if USER_CHECKPOINT:
         return {}
     return {
         "pretrained": "results/model/pretrained.keras",

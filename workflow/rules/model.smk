@@ -25,17 +25,16 @@ rule pretrain:
         model=config["model"],
         threads=TF_THREADS,
         backup="results/model/.backup/pretrain",
-        head_backup="results/model/.backup/head",
     script:
         "../scripts/pretrain.py"
 
 
 # A workflow-trained model is prepared inside pretrain (prepared_by_pretrain).
-if config["model"]["pretrained"]:
+if USER_CHECKPOINT:
 
     rule prepare_pretrained:
         input:
-            checkpoint=config["model"]["pretrained"],
+            checkpoint=USER_CHECKPOINT,
             labels="results/index/labels.txt",
             train="results/features/train.npy",
             train_chunks="results/features/train_chunks.csv",

@@ -7,7 +7,7 @@ REPORT_SCATTER_PAIRS = [["fp32", "ptq_int8"], ["qat_fp32", "qat_int8"]]
 
 # QAT's history, and pretraining's when this run trained the FP32 model itself.
 TRAINING_HISTORIES = {"qat": "results/model/qat_history.csv"}
-if not config["model"]["pretrained"]:
+if not USER_CHECKPOINT:
     TRAINING_HISTORIES["pretrain"] = "results/model/pretrain_history.csv"
 
 # One entry per rule report_<name>: it runs scripts/report_<name>.py, logs to

@@ -33,8 +33,9 @@ with rule_logging(snakemake.log[0]) as log:
     save_model(model, snakemake.output.model)
     write_history(result, snakemake.output.history)
     if "pretrained" in snakemake.output.keys():  # no model.pretrained: prepare this model
+        # Its classes are the dataset's, so no head is swapped and no backup is written.
         prepare_rule(
             snakemake.output.model, snakemake.input, settings, cfg, snakemake.params.threads,
-            snakemake.params.head_backup, snakemake.output.pretrained, snakemake.output.info,
+            snakemake.params.backup, snakemake.output.pretrained, snakemake.output.info,
         )
     finish_backup(backup)
