@@ -11,6 +11,7 @@ from n6qat.model import (
     check_input_shape,
     check_labels,
     load_model,
+    predict,
     prepare_pretrained,
     replace_head,
     save_model,
@@ -100,3 +101,15 @@ def test_the_same_weights_save_to_the_same_bytes(tmp_path):
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     loaded = keras.saving.load_model(tmp_path / "a.keras")
     assert loaded.count_params() == build_dscnn(SMALL, 3, width=0.5, depth=2).count_params()
+
+
+def test_predict_matches_keras_and_traces_once(model):
+    """The same numbers as ``model.predict`` (a short last batch included), from one trace
+    that later calls reuse."""
+    x = np.random.default_rng(0).normal(size=(21, *model.input_shape[1:])).astype(np.float32)
+    expected = model.predict(x, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(predict(model, x, batch_size=8), expected)
+    np.testing.assert_array_equal(predict(model, x[:5], batch_size=8), expected[:5])
+    (step,) = model.__dict__["_n6qat_predict_functions"].values()
+    assert step.experimental_get_tracing_count() == 1
+    assert predict(model, x[:0]).shape == (0, 3)

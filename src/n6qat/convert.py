@@ -276,6 +276,7 @@ def convert_and_measure(
     """
     from n6qat.gate import quality
     from n6qat.int8_twin import simulated_int8
+    from n6qat.model import predict
     from n6qat.tflite_inspect import int8_problems, io_details, op_histogram, read_tflite
 
     x_val, val_chunks = val
@@ -294,13 +295,10 @@ def convert_and_measure(
     x_all = np.asarray(x_val, dtype=np.float32)
     int8_scores = run_tflite(tflite_bytes, x_all)  # TFLite's built-in int8 kernels
     xnnpack_scores = run_tflite(tflite_bytes, x_all, kernels="xnnpack")
-    fp32_scores = np.asarray(reference.predict(x_all, batch_size=256, verbose=0), np.float32)
-    float_scores = (
-        fp32_scores if reference is model
-        else np.asarray(model.predict(x_all, batch_size=256, verbose=0), np.float32)
-    )
+    fp32_scores = predict(reference, x_all)
+    float_scores = fp32_scores if reference is model else predict(model, x_all)
     twin = simulated_int8(model, calib, per_channel=settings["per_channel"])
-    simulated = np.asarray(twin.predict(x_all, batch_size=256, verbose=0), np.float32)
+    simulated = predict(twin, x_all)
     pick = select_representative(
         val_chunks["label_index"].to_numpy(), val_chunks["energy"].to_numpy(),
         settings["validation_size"], 0.0, settings["seed"],

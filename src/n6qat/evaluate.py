@@ -157,8 +157,9 @@ def predict(model_path: str, x: np.ndarray) -> np.ndarray:
 
         return run_tflite(model_path, x)
     from n6qat.model import load_model
+    from n6qat.model import predict as keras_predict
 
-    return np.asarray(load_model(model_path).predict(x, batch_size=64, verbose=0))
+    return keras_predict(load_model(model_path), x, batch_size=64)
 
 
 def host_latency_ms(tflite_path: str, x: np.ndarray, runs: int, num_threads: int = 1) -> dict:

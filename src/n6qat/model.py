@@ -169,6 +169,33 @@ def output_units(model) -> int:
     return int(model.output_shape[-1])
 
 
+def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``model``'s float32 outputs on ``x`` in inference mode, ``batch_size`` rows at a time.
+
+    The same graph and the same numbers as ``model.predict``, traced once: Keras traces
+    its predict step for the first batch's shape and again for a shorter last batch (for
+    the INT8 twin that second trace is about a second). The function stays on the model
+    and serves every later call with the same row shape.
+    """
+    import tensorflow as tf
+
+    x = np.asarray(x, dtype=np.float32)
+    # In __dict__: an attribute set the usual way would be tracked by Keras as model state.
+    traced = model.__dict__.setdefault("_n6qat_predict_functions", {})
+    if x.shape[1:] not in traced:
+        spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
+        traced[x.shape[1:]] = tf.function(
+            lambda batch: model(batch, training=False), input_signature=[spec]
+        )
+    step = traced[x.shape[1:]]
+    if len(x) == 0:
+        return np.zeros((0, *model.outputs[0].shape[1:]), np.float32)
+    return np.concatenate(
+        [np.asarray(step(x[start : start + batch_size]), np.float32)
+         for start in range(0, len(x), batch_size)]
+    )  # fmt: skip
+
+
 def replace_head(model, n_classes: int, seed: int = 0):
     """The same network with a new sigmoid Dense head for ``n_classes`` classes."""
     import keras

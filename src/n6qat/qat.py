@@ -33,6 +33,7 @@ from n6qat.int8_twin import (
     simulated_int8,
     twin_layers,
 )
+from n6qat.model import predict
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def _int8_scorer(
     def score():
         recalibrate(twin)
         twin.ranges_current = True  # until the weights change
-        logs = metrics(twin.predict(x, batch_size=256, verbose=0), "val_sim_")
+        logs = metrics(predict(twin, x), "val_sim_")
         if settings.select_with != "tflite":
             return logs
         if background is not None:
@@ -223,7 +224,7 @@ def reference_metrics(reference: keras.Model, files: ValidationFiles) -> dict[st
     from n6qat.evaluate import validation_metrics
 
     x = np.asarray(files.features, np.float32)
-    scores = np.asarray(reference.predict(x, batch_size=256, verbose=0), np.float32)
+    scores = predict(reference, x)
     return validation_metrics(scores, files.chunks, files.labels, files.pooling, files.threshold)
 
 
@@ -236,7 +237,7 @@ def distilled(batches, teacher: keras.Model, weight: float):
     teacher is the model before QAT: it pulls the quantized model back to the FP32
     function instead of fitting the labels further.
     """
-    scores = teacher.predict(batches.x, batch_size=256, verbose=0).astype(np.float32)
+    scores = predict(teacher, batches.x)
     return batches.with_targets((batches.y.numpy() + weight * scores) / (1.0 + weight))
 
 
