@@ -34,6 +34,7 @@ from n6qat.int8_twin import (
     twin_layers,
 )
 from n6qat.model import predict
+from n6qat.train import multi_hot
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,30 @@ class ValidationFiles:
     io_dtype: str = "float32"
 
 
+def chunk_metrics(scores: np.ndarray, files: ValidationFiles, loss="binary_crossentropy"):
+    """``val_loss``, ``val_acc`` and ``val_auc`` of chunk scores on the validation chunks:
+    what Keras's validation reports for a twin compiled as `run_qat` compiles it."""
+    rows = files.chunks["row"].to_numpy()
+    targets = multi_hot(files.chunks["label_index"].to_numpy(), len(files.labels))
+    scores = np.asarray(scores, np.float32)[rows]
+    accuracy, auc = keras.metrics.BinaryAccuracy(), keras.metrics.AUC()
+    accuracy.update_state(targets, scores)
+    auc.update_state(targets, scores)
+    return {
+        "val_loss": float(np.mean(keras.ops.convert_to_numpy(
+            keras.losses.get(loss)(targets, scores)))),
+        "val_acc": float(accuracy.result()),
+        "val_auc": float(auc.result()),
+    }  # fmt: skip
+
+
 def _int8_scorer(
     model, settings: QATSettings, calibration, files: ValidationFiles, twin=None,
-    background=None,
+    background=None, loss="binary_crossentropy",
 ):  # fmt: skip
     """Validation metrics of the model's current weights in INT8: the simulation's
-    (``val_sim_*``) and, selecting with the TFLite, the converted model's (``val_int8_*``).
+    (``val_sim_*``, and its chunk-level ``val_loss``, ``val_acc``, ``val_auc``) and,
+    selecting with the TFLite, the converted model's (``val_int8_*``).
 
     ``twin``: the training twin, when it is the full simulation on ``calibration``'s
     ranges (it is then recalibrated here, as the next epoch would do); otherwise a
@@ -176,7 +195,8 @@ def _int8_scorer(
     def score():
         recalibrate(twin)
         twin.ranges_current = True  # until the weights change
-        logs = metrics(predict(twin, x), "val_sim_")
+        simulated = predict(twin, x)
+        logs = {**chunk_metrics(simulated, files, loss), **metrics(simulated, "val_sim_")}
         if settings.select_with != "tflite":
             return logs
         if background is not None:
@@ -259,9 +279,13 @@ def run_qat(
 
     ``train_ds``: an ``n6qat.fit.EpochBatches`` (resumable bit-exactly) or a tf.data
     dataset of examples (batched here with `settings.batch_size`) or of batches.
-    Validation runs on the quantized twin. A backup of weights, optimizer state, history
-    and the best epoch is written to `checkpoint_dir` after every epoch; rerunning with
-    the same directory continues after the last finished epoch.
+    Validation runs on the quantized twin. When epochs are scored (``selection_files``
+    with a calibration set), their ``val_loss``, ``val_acc`` and ``val_auc`` are the
+    scoring simulation's on those chunks, with ranges re-derived for the epoch's weights,
+    and ``val_ds`` is not run; otherwise Keras validates the twin on ``val_ds``. A backup
+    of weights, optimizer state, history and the best epoch is written to
+    `checkpoint_dir` after every epoch; rerunning with the same directory continues after
+    the last finished epoch.
 
     With activation simulation and a `calibration` set (the chunks the converter will
     calibrate on), ranges come from that set, re-derived at every epoch start, instead
@@ -336,15 +360,18 @@ def run_qat(
             # calibration set: it scores too (one twin to build, one calibration an epoch).
             score = _int8_scorer(
                 model, settings, calibration, selection_files,
-                twin=twin if calibrated_twin else None, background=background,
+                twin=twin if calibrated_twin else None, background=background, loss=loss,
             )
         twin.compile(
             optimizer=_optimizer(settings),
             loss=loss,
             metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="acc")],
         )
+        # A scored epoch's val_loss, val_acc and val_auc come from the scoring simulation
+        # (ranges re-derived for its weights), so fit runs no validation pass of its own.
         result = fit_epochs(
-            twin, model, train_ds, val, settings.epochs, checkpoint_dir,
+            twin, model, train_ds, None if score is not None else val, settings.epochs,
+            checkpoint_dir,
             _selection(settings, score is not None, val is not None, gate, fp32), settings.seed,
             score=score, score_initial=True, epoch_begin=epoch_begin, callbacks=callbacks,
             unlogged=meaningless,
