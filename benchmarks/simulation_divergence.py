@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         layer = quantizer.name.removesuffix("_range")
         for suffix in ("_folded", "_logit", "_input"):
             layer = layer.removesuffix(suffix)
+        if quantizer.name not in seen:  # a range fused into its ReLU (after_relu)
+            return None
         shape = tuple(seen[quantizer.name].shape[1:])
         same_scale = [d for d in tensors if abs(d["quantization"][0] - scale) <= 1e-6 * scale
                       and tuple(d["shape"][1:]) == shape]  # fmt: skip

@@ -203,6 +203,56 @@ def test_qat_kernels_equal_the_converters_int8_weights(per_channel, tmp_path):
     assert not np.any(kernels["conv"][..., 2])
 
 
+def _int32_biases(flatbuffer: bytes) -> list[np.ndarray]:
+    """The dequantized int32 bias of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED."""
+    model = tflite.Model.GetRootAsModel(flatbuffer, 0)
+    graph = model.Subgraphs(0)
+    biases = []
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        name = _OP_NAMES[max(code.BuiltinCode(), code.DeprecatedBuiltinCode())]
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            if op.InputsLength() < 3 or op.Inputs(2) < 0:
+                biases.append(None)
+                continue
+            tensor = graph.Tensors(op.Inputs(2))
+            codes = model.Buffers(tensor.Buffer()).DataAsNumpy().view(np.int32)
+            scales = tensor.Quantization().ScaleAsNumpy().astype(np.float64)
+            biases.append(codes * scales)
+    return biases
+
+
+def test_simulated_biases_sit_on_the_converters_int32_grid(tmp_path):
+    """With activations simulated, every bias (BN offsets folded in) is rounded to the
+    converter's int32 steps (input scale x weight scale): a float bias can round an
+    output the other way, for every value of a constant (silent) input at once."""
+    model = _bn_model(np.random.default_rng(1))
+    rng = np.random.default_rng(7)  # the samples _convert calibrates on
+    calibration = np.concatenate([rng.normal(size=(1, 8, 8, 6)) for _ in range(4)])
+    twin = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+    int8_twin.calibrate_activation_ranges(twin, [calibration.astype(np.float32)])
+    model.save(tmp_path / "model.keras")
+    converted = _int32_biases(_convert(keras.saving.load_model(tmp_path / "model.keras"),
+                                       True, (8, 8, 6)))  # fmt: skip
+    wrappers = [layer for layer in int8_twin.twin_layers(twin)
+                if isinstance(layer, fake_quant.QuantizedLayer)]  # fmt: skip
+    assert len(wrappers) == len(converted) == 5
+    for wrapper, expected in zip(wrappers, converted, strict=True):
+        _, bias = wrapper.quantized_kernel_and_bias()
+        if expected is None:  # the converter leaves out an all-zero bias
+            assert not np.any(bias.numpy()), wrapper.name
+            continue
+        np.testing.assert_allclose(bias.numpy(), expected, rtol=1e-6, atol=0,
+                                   err_msg=wrapper.name)  # fmt: skip
+    # Without activation simulation there is no input scale: the bias stays float.
+    plain = int8_twin.build_qat_model(model, per_channel=True)
+    float_bias = [w.quantized_kernel_and_bias()[1] for w in int8_twin.twin_layers(plain)
+                  if isinstance(w, fake_quant.QuantizedLayer)]  # fmt: skip
+    assert any(not np.allclose(b.numpy(), e, rtol=1e-6, atol=0)
+               for b, e in zip(float_bias, converted, strict=True) if e is not None)  # fmt: skip
+
+
 def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():
     kernel = tf.Variable(np.random.default_rng(2).normal(size=(3, 3, 4, 5)).astype(np.float32))
     eager = fake_quant.fake_quantize_weights(kernel, 3)

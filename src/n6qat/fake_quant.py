@@ -57,18 +57,25 @@ def _round_half_away_from_zero(x):
     return ops.sign(x) * rounded
 
 
-def fake_quantize_weights(kernel, channel_axis: int | None):
-    """The kernel on the converter's int8 grid, with a straight-through gradient.
-
-    `channel_axis`: scales per index of this axis and all later ones (see
-    `quantization_channel_axis`); None for one scale per tensor. All-zero channels
-    stay zero.
-    """
+def weight_scales(kernel, channel_axis: int | None):
+    """The converter's symmetric int8 weight scales (max |w| / 127), kept as broadcastable
+    dims: per index of `channel_axis` and all later ones, or one for the tensor (None)."""
     kernel = ops.convert_to_tensor(kernel)
     rank = len(kernel.shape)
     reduce_axes = tuple(range(rank if channel_axis is None else channel_axis % rank))
     max_abs = ops.max(ops.abs(kernel), axis=reduce_axes, keepdims=True)
-    scale = max_abs / float(WEIGHT_QMAX)
+    return max_abs / float(WEIGHT_QMAX)
+
+
+def fake_quantize_weights(kernel, channel_axis: int | None, scale=None):
+    """The kernel on the converter's int8 grid, with a straight-through gradient.
+
+    `channel_axis`: scales per index of this axis and all later ones (see
+    `quantization_channel_axis`); None for one scale per tensor. All-zero channels
+    stay zero. `scale`: `weight_scales` of this kernel, when already computed.
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    scale = weight_scales(kernel, channel_axis) if scale is None else scale
     inverse_scale = 1.0 / ops.where(scale > 0, scale, ops.ones_like(scale))
     codes = ops.clip(_round_half_away_from_zero(kernel * inverse_scale), -WEIGHT_QMAX, WEIGHT_QMAX)
     quantized = ops.stop_gradient(codes * scale)
@@ -225,6 +232,21 @@ class ActivationRange(keras.layers.Layer):
             lambda: self(relu(inputs), training=training),
         )
 
+    def quantized_bias(self, bias, weight_scale):
+        """``bias`` of a layer that reads this tensor, on the converter's int32 grid: steps
+        of (this tensor's scale) x (the layer's weight scale, per output channel), rounded
+        half away from zero; straight-through gradient. Unchanged before the range is set.
+
+        A bias the converter rounds differently from the float one shifts every output of
+        its channel alike: on a constant input (silence) a whole tensor can land one step
+        off, and the layers after it magnify that.
+        """
+        step = (self.range_max - self.range_min) / 255.0 * ops.reshape(weight_scale, (-1,))
+        valid = ops.logical_and(step > 0, self.initialized > 0)
+        safe = ops.where(valid, step, ops.ones_like(step))
+        quantized = ops.where(valid, _round_half_away_from_zero(bias / safe) * safe, bias)
+        return ops.stop_gradient(quantized) + (bias - ops.stop_gradient(bias))
+
     def _track(self, bound, batch_value) -> None:
         moving = RANGE_MOMENTUM * bound + (1.0 - RANGE_MOMENTUM) * batch_value
         bound.assign(ops.where(self.initialized > 0, moving, batch_value))
@@ -259,6 +281,12 @@ class QuantizedLayer(keras.layers.Layer):
             else None
         )
 
+    def reads_range(self, input_range: ActivationRange) -> None:
+        """Quantize the bias on the int32 grid of this input range (`quantized_bias`)."""
+        # In __dict__: an attribute set the usual way would make Keras track the range as
+        # a sublayer of this one too.
+        self.__dict__["_input_range"] = input_range
+
     def quantized_kernel_and_bias(self):
         kernel = self.layer.kernel
         bias = self.layer.bias if self.layer.use_bias else None
@@ -268,7 +296,11 @@ class QuantizedLayer(keras.layers.Layer):
             bias = offset if bias is None else bias * factor + offset
         if self.float_weights:
             return kernel, bias
-        return fake_quantize_weights(kernel, self.channel_axis), bias
+        scale = weight_scales(kernel, self.channel_axis)
+        input_range = self.__dict__.get("_input_range")
+        if bias is not None and input_range is not None:
+            bias = input_range.quantized_bias(bias, scale)
+        return fake_quantize_weights(kernel, self.channel_axis, scale), bias
 
     def call(self, inputs, training=None):
         kernel, bias = self.quantized_kernel_and_bias()

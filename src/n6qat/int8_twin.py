@@ -50,6 +50,16 @@ _QUANTIZED_OUTPUT_LAYERS = (
 )
 """Layers whose int8 output tensor is simulated when `simulate_activations` is on."""
 
+_SAME_SCALE_LAYERS = (
+    keras.layers.Permute,
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.Dropout,
+    keras.layers.ZeroPadding2D,
+    FoldedAway,
+)
+"""Layers whose int8 output has its input's scale (TRANSPOSE, RESHAPE, PAD; identities)."""
+
 
 @dataclass
 class _Plan:
@@ -166,7 +176,53 @@ def build_qat_model(
             twin = QuantizedInput(twin, layer.name)
         return twin
 
-    return keras.models.clone_model(model, clone_function=twin_layer, recursive=True)
+    twin = keras.models.clone_model(model, clone_function=twin_layer, recursive=True)
+    if simulate_activations:
+        _link_bias_grids(twin)
+    return twin
+
+
+def _producers(model: keras.Model) -> dict[int, keras.layers.Layer]:
+    """id(layer) -> the layer whose output it reads, for layers called once on one input."""
+    if isinstance(model, keras.Sequential):
+        return {id(b): a for a, b in zip(model.layers, model.layers[1:], strict=False)}
+    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    calls: dict[int, int] = {}
+    for node in nodes:
+        calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+    return {
+        id(node.operation): node.input_tensors[0]._keras_history.operation
+        for node in nodes
+        if len(node.input_tensors) == 1 and calls[id(node.operation)] == 1
+    }
+
+
+def _output_range(layer, producers: dict) -> ActivationRange | None:
+    """The twin's range that sets the int8 scale of ``layer``'s output, if there is one."""
+    while True:
+        if isinstance(layer, QuantizedInput) and isinstance(layer.layer, _SAME_SCALE_LAYERS):
+            return layer.input_range
+        inner = layer.layer if isinstance(layer, QuantizedInput) else layer
+        if isinstance(getattr(inner, "output_range", None), ActivationRange):
+            return inner.output_range
+        if not isinstance(layer, _SAME_SCALE_LAYERS) or id(layer) not in producers:
+            return None
+        layer = producers[id(layer)]
+
+
+def _link_bias_grids(twin: keras.Model) -> None:
+    """Give every weight layer the range of its input, so that its bias is simulated on
+    the converter's int32 grid (`n6qat.fake_quant.ActivationRange.quantized_bias`)."""
+    models = [twin, *(layer for layer in all_layers(twin) if isinstance(layer, keras.Model))]
+    for model in models:
+        producers = _producers(model)
+        for layer in model.layers:
+            if isinstance(layer, QuantizedInput) and isinstance(layer.layer, QuantizedLayer):
+                layer.layer.reads_range(layer.input_range)
+            elif isinstance(layer, QuantizedLayer) and id(layer) in producers:
+                input_range = _output_range(producers[id(layer)], producers)
+                if input_range is not None:
+                    layer.reads_range(input_range)
 
 
 def twin_layers(qat_model: keras.Model):
