@@ -6,7 +6,8 @@ shared) and the `n6qat.fake_quant` wrappers for the rest: Conv2D / DepthwiseConv
 Dense run on fake-quantized kernels, with a BatchNormalization folded in where the
 converter folds it (`n6qat.folding`) and on its moving statistics elsewhere, and with
 activation simulation every tensor the converter stores as int8 is fake-quantized on
-ranges calibrated as the converter calibrates. Training the twin trains the original
+ranges calibrated as the converter calibrates, and every bias is rounded to the int32
+steps the converter stores it in (input scale x weight scale). Training the twin trains the original
 model, which keeps its plain architecture and is what gets saved and converted.
 
 Not handled yet (run in float by the twin, though the converter quantizes them):
