@@ -227,6 +227,7 @@ def test_simulated_biases_sit_on_the_converters_int32_grid(tmp_path):
     """With activations simulated, every bias (BN offsets folded in) is rounded to the
     converter's int32 steps (input scale x weight scale): a float bias can round an
     output the other way, for every value of a constant (silent) input at once."""
+    keras.utils.set_random_seed(0)  # the kernels too: not the RNG state earlier tests leave
     model = _bn_model(np.random.default_rng(1))
     rng = np.random.default_rng(7)  # the samples _convert calibrates on
     calibration = np.concatenate([rng.normal(size=(1, 8, 8, 6)) for _ in range(4)])

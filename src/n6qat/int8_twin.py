@@ -91,6 +91,11 @@ def _fuses_into_producer(layer, plan: _Plan) -> bool:
     return False
 
 
+def _nodes(model: keras.Model) -> list:
+    """Every node (layer call) of a functional model's graph."""
+    return [node for depth in model._nodes_by_depth.values() for node in depth]
+
+
 def _add_quantization_points(model: keras.Model, plan: _Plan) -> None:
     """Tensors the converter does not quantize (fused away) and layers reading model inputs."""
     if isinstance(model, keras.Sequential):
@@ -98,7 +103,7 @@ def _add_quantization_points(model: keras.Model, plan: _Plan) -> None:
         plan.fused_outputs |= {id(a) for a, b in pairs if _fuses_into_producer(b, plan)}
         plan.input_consumers |= {id(model.layers[0])} if model.layers else set()
         return
-    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    nodes = _nodes(model)
     consumers: dict[int, list] = {}
     for node in nodes:
         for tensor in node.input_tensors:
@@ -187,7 +192,7 @@ def _producers(model: keras.Model) -> dict[int, keras.layers.Layer]:
     """id(layer) -> the layer whose output it reads, for layers called once on one input."""
     if isinstance(model, keras.Sequential):
         return {id(b): a for a, b in zip(model.layers, model.layers[1:], strict=False)}
-    nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+    nodes = _nodes(model)
     calls: dict[int, int] = {}
     for node in nodes:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1

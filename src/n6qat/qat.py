@@ -147,12 +147,9 @@ class ValidationFiles:
     io_dtype: str = "float32"
 
 
-def chunk_metrics(scores: np.ndarray, files: ValidationFiles, loss="binary_crossentropy"):
-    """``val_loss``, ``val_acc`` and ``val_auc`` of chunk scores on the validation chunks:
-    what Keras's validation reports for a twin compiled as `run_qat` compiles it."""
-    rows = files.chunks["row"].to_numpy()
-    targets = multi_hot(files.chunks["label_index"].to_numpy(), len(files.labels))
-    scores = np.asarray(scores, np.float32)[rows]
+def _chunk_metrics(scores: np.ndarray, targets: np.ndarray, loss) -> dict[str, float]:
+    """``val_loss``, ``val_acc`` and ``val_auc`` of chunk scores against their multi-hot
+    targets: what Keras's validation reports for a twin compiled as `run_qat` compiles it."""
     accuracy, auc = keras.metrics.BinaryAccuracy(), keras.metrics.AUC()
     accuracy.update_state(targets, scores)
     auc.update_state(targets, scores)
@@ -186,6 +183,8 @@ def _int8_scorer(
     if twin is None:
         twin = simulated_int8(model, calibration, settings.per_channel, settings.batch_size)
     x = np.asarray(files.features, dtype=np.float32)
+    rows = files.chunks["row"].to_numpy()
+    targets = multi_hot(files.chunks["label_index"].to_numpy(), len(files.labels))
 
     def metrics(scores, prefix: str) -> dict[str, float]:
         return validation_metrics(
@@ -196,7 +195,8 @@ def _int8_scorer(
         recalibrate(twin)
         twin.ranges_current = True  # until the weights change
         simulated = predict(twin, x)
-        logs = {**chunk_metrics(simulated, files, loss), **metrics(simulated, "val_sim_")}
+        logs = {**_chunk_metrics(simulated[rows], targets, loss),
+                **metrics(simulated, "val_sim_")}  # fmt: skip
         if settings.select_with != "tflite":
             return logs
         if background is not None:
