@@ -59,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     seen: dict[str, np.ndarray] = {}
     original_call = ActivationRange.call
 
+    original_after_relu = ActivationRange.after_relu
+
     def recording_call(self, inputs, training=None):
         out = original_call(self, inputs, training=training)
+        seen[self.name] = np.asarray(out)
+        return out
+
+    def recording_after_relu(self, inputs, relu, cap, training=None):
+        out = original_after_relu(self, inputs, relu, cap, training=training)
         seen[self.name] = np.asarray(out)
         return out
 
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = quantizer.name.removesuffix("_range")
         for suffix in ("_folded", "_logit", "_input"):
             layer = layer.removesuffix(suffix)
-        if quantizer.name not in seen:  # a range fused into its ReLU (after_relu)
+        if quantizer.name not in seen:
             return None
         shape = tuple(seen[quantizer.name].shape[1:])
         same_scale = [d for d in tensors if abs(d["quantization"][0] - scale) <= 1e-6 * scale
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     ActivationRange.call = recording_call
+    ActivationRange.after_relu = recording_after_relu
     try:
         twin(x[:1], training=False)  # the shapes of the twin's int8 tensors
         matched = {q.name: tensor_of(q) for q in ranges}
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 count[2] = max(count[2], float(steps.max()))
     finally:
         ActivationRange.call = original_call
+        ActivationRange.after_relu = original_after_relu
     print(f"{args.folder.name} {args.model}: {len(x)} validation chunks")
     print("| quantization point | values that differ | largest difference (LSB) |")
     print("|---|---|---|")

@@ -1,6 +1,8 @@
 """QAT: the fake-quantized weights equal what the TFLite converter writes; training,
 saving, resuming and validation work on the shared-variable twin."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -252,6 +254,106 @@ def test_simulated_biases_sit_on_the_converters_int32_grid(tmp_path):
                   if isinstance(w, fake_quant.QuantizedLayer)]  # fmt: skip
     assert any(not np.allclose(b.numpy(), e, rtol=1e-6, atol=0)
                for b, e in zip(float_bias, converted, strict=True) if e is not None)  # fmt: skip
+
+
+def _builtin_requantize(accumulator: int, multiplier: float) -> int:
+    """TFLite's built-in kernels' MultiplyByQuantizedMultiplier, in Python integers."""
+    mantissa, exponent = math.frexp(multiplier)
+    fixed = math.floor(mantissa * 2**31 + 0.5)
+    if fixed == 2**31:
+        fixed, exponent = fixed // 2, exponent + 1
+    if exponent < -31:
+        return 0
+    product = accumulator * 2 ** max(exponent, 0) * fixed
+    nudge = 2**30 if product >= 0 else 1 - 2**30
+    high = abs(product + nudge) // 2**31 * (1 if product + nudge >= 0 else -1)
+    shift = max(-exponent, 0)
+    return (high + (1 << shift - 1)) >> shift if shift else high  # ties up
+
+
+def test_fixed_point_requantization_is_tflites_on_and_near_ties():
+    rng = np.random.default_rng(5)
+    multipliers = np.concatenate([np.exp(rng.uniform(np.log(1e-5), np.log(0.99), 14)),
+                                  [0.5, 1.0, 1.7, 0.0163896]])  # fmt: skip
+    rows = []
+    for m in multipliers:
+        ties = (rng.integers(-60, 60, 40) + 0.5) / m  # accumulators whose product is a tie
+        near = np.concatenate([np.floor(ties), np.ceil(ties), rng.integers(-2**21, 2**21, 40)])
+        rows.append(np.clip(near, -2**21, 2**21))
+    accumulators = np.stack(rows, axis=1).astype(np.float32)  # (120, channels)
+    out_scale = tf.constant(0.25, tf.float32)
+    got = fake_quant.requantize_fixed_point(accumulators, multipliers, out_scale).numpy() / 0.25
+    expected = [[_builtin_requantize(int(a), float(m)) for a, m in zip(row, multipliers,
+                                                                       strict=True)]
+                for row in accumulators]  # fmt: skip
+    np.testing.assert_array_equal(got, np.asarray(expected, np.float32))
+    # Not one plain rounding: the two roundings differ from it on some values.
+    assert np.any(got != np.round(accumulators * multipliers.astype(np.float64)))
+
+
+def _relu_model() -> keras.Model:
+    """Conv2D -> ReLU (reading the model input), Conv2D + BN -> ReLU, a sigmoid head."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((8, 8, 3))
+    x = L.ReLU(name="r1")(L.Conv2D(6, 1, name="c1")(inputs))
+    x = L.ReLU(name="r2")(L.BatchNormalization(name="b2")(L.Conv2D(5, 3, name="c2")(x)))
+    outputs = L.Dense(2, activation="sigmoid", name="head")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    _randomize_batch_norms(model, np.random.default_rng(4))
+    c1 = model.get_layer("c1")
+    c1.set_weights([c1.get_weights()[0], np.random.default_rng(6).normal(0, 0.3, 6)])
+    return model
+
+
+def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(tmp_path, monkeypatch):
+    """Outside training, every conv output the twin stores as int8 is the value TFLite's
+    built-in kernels compute (fixed-point requantization, two roundings), constant
+    (silent) inputs included; one plain rounding of the float output is not."""
+    from n6qat.litert import load_interpreter
+
+    model = _relu_model()
+    rng = np.random.default_rng(7)  # the samples _convert calibrates on
+    calibration = np.concatenate([rng.normal(size=(1, 8, 8, 3)) for _ in range(4)])
+    twin = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+    int8_twin.calibrate_activation_ranges(twin, [calibration.astype(np.float32)])
+    model.save(tmp_path / "model.keras")
+    flatbuffer = _convert(keras.saving.load_model(tmp_path / "model.keras"), True, (8, 8, 3))
+    interpreter = load_interpreter(flatbuffer, preserve_all_tensors=True)
+    convs = [op["outputs"][0] for op in interpreter._get_ops_details()
+             if op["op_name"] == "CONV_2D"]  # fmt: skip
+    x = np.concatenate([np.random.default_rng(8).normal(size=(24, 8, 8, 3)),
+                        np.zeros((1, 8, 8, 3)), np.full((1, 8, 8, 3), 0.7)]).astype(np.float32)
+
+    def differing(twin) -> list[int]:
+        seen = {}
+        original = fake_quant.QuantizedOutput.call
+
+        def recording(self, inputs, training=None, mask=None):
+            seen[self.output_range.name] = out = original(self, inputs, training=training)
+            return out
+
+        counts = [0, 0]
+        with monkeypatch.context() as patch:
+            patch.setattr(fake_quant.QuantizedOutput, "call", recording)
+            for sample in x:
+                twin(sample[None], training=False)
+                interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample[None])
+                interpreter.invoke()
+                for i, (name, index) in enumerate(zip(("r1_range", "r2_range"), convs,
+                                                      strict=True)):  # fmt: skip
+                    scale, zero_point = interpreter.get_tensor_details()[index]["quantization"]
+                    tflite = interpreter.get_tensor(index).astype(np.float32) - zero_point
+                    counts[i] += int(np.sum(np.round(seen[name].numpy() / scale) != tflite))
+        return counts
+
+    assert differing(twin) == [0, 0]
+    with monkeypatch.context() as patch:  # the float output, rounded once
+        patch.setattr(fake_quant.QuantizedLayer, "_integer_outputs",
+                      lambda self, inputs, kernel, bias, *_: self._float_outputs(
+                          inputs, kernel, bias))  # fmt: skip
+        plain = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+        int8_twin.calibrate_activation_ranges(plain, [calibration.astype(np.float32)])
+        assert sum(differing(plain)) > 0
 
 
 def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():

@@ -252,6 +252,47 @@ class ActivationRange(keras.layers.Layer):
         bound.assign(ops.where(self.initialized > 0, moving, batch_value))
 
 
+def requantize_fixed_point(accumulator, multiplier, output_scale):
+    """TFLite's requantization of an int32 accumulator (integer-valued float) by the real
+    ``multiplier`` (input scale x weight scale / output scale; per output channel, the
+    last axis): the int8 steps from the output's zero point, times ``output_scale``.
+
+    TFLite's built-in kernels (the ones `n6qat.litert` runs) do it in fixed point: a
+    rounding doubling high multiply by the multiplier's 31-bit mantissa (ties away from
+    zero), then a right shift by its exponent rounding ties up (the reference kernels
+    round those away from zero: they differ on negative ties only). The two roundings
+    put a value within 2^-(shift + 1) steps of a half-way point on the other side of it
+    from one plain rounding: one step off, on some 2^-shift of the values, and on every
+    value of a constant (silent) input whose accumulator sits there. Computed in
+    float64: exact for accumulators below 2^22.
+    """
+    f64 = tf.float64
+    two = tf.constant(2.0, f64)
+    multiplier = tf.cast(multiplier, f64)
+    safe = tf.where(multiplier > 0, multiplier, tf.ones_like(multiplier))
+    # frexp: multiplier = mantissa x 2^exponent, mantissa in [0.5, 1), as a 31-bit integer.
+    exponent = tf.floor(tf.math.log(safe) / tf.math.log(two)) + 1.0
+    exponent += tf.cast(safe / two**exponent >= 1.0, f64)
+    exponent -= tf.cast(safe / two**exponent < 0.5, f64)
+    mantissa = _round_half_away_from_zero(safe / two**exponent * 2.0**31)
+    overflow = mantissa >= 2.0**31
+    mantissa = tf.where(overflow, mantissa / 2.0, mantissa)
+    exponent = tf.where(overflow, exponent + 1.0, exponent)
+    tiny = tf.logical_or(exponent < -31.0, multiplier <= 0)  # TFLite: multiplier 0
+    mantissa = tf.where(tiny, tf.zeros_like(mantissa), mantissa)
+    exponent = tf.where(tiny, tf.zeros_like(exponent), exponent)
+    # The high multiply's nudge rounds ties up (away from zero above 0, towards it below),
+    # so both roundings are floor(v + 1/2); scaling by powers of two is exact.
+    factor = mantissa * two ** (tf.maximum(exponent, 0.0) - 31.0)
+    high = tf.floor(tf.cast(accumulator, f64) * factor + 0.5)
+    steps = tf.floor(high * two ** tf.minimum(exponent, 0.0) + 0.5)
+    return tf.cast(steps, tf.float32) * output_scale
+
+
+def _scale_of(quantizer: ActivationRange):
+    return (quantizer.range_max - quantizer.range_min) / 255.0
+
+
 class QuantizedLayer(keras.layers.Layer):
     """Runs a Conv2D / DepthwiseConv2D / Dense with its fake-quantized kernel.
 
@@ -287,7 +328,19 @@ class QuantizedLayer(keras.layers.Layer):
         # a sublayer of this one too.
         self.__dict__["_input_range"] = input_range
 
+    def writes_range(self, output_range: ActivationRange) -> None:
+        """The int8 tensor the converter stores this layer's output in (the layer's own
+        range, or that of the ReLU / folded BatchNormalization fused into it): outside
+        training, the output is requantized onto it as TFLite's kernels do
+        (`requantize_fixed_point`)."""
+        self.__dict__["_stored_range"] = output_range
+
     def quantized_kernel_and_bias(self):
+        kernel, bias, _ = self._quantized_kernel_bias_scale()
+        return kernel, bias
+
+    def _quantized_kernel_bias_scale(self):
+        """The fake-quantized kernel and bias, and the weight scales (None in float)."""
         kernel = self.layer.kernel
         bias = self.layer.bias if self.layer.use_bias else None
         if self.batch_norm is not None:
@@ -295,34 +348,31 @@ class QuantizedLayer(keras.layers.Layer):
             kernel = kernel * ops.reshape(factor, kernel.shape[self.out_axis :])
             bias = offset if bias is None else bias * factor + offset
         if self.float_weights:
-            return kernel, bias
+            return kernel, bias, None
         scale = weight_scales(kernel, self.channel_axis)
         input_range = self.__dict__.get("_input_range")
         if bias is not None and input_range is not None:
             bias = input_range.quantized_bias(bias, scale)
-        return fake_quantize_weights(kernel, self.channel_axis, scale), bias
+        return fake_quantize_weights(kernel, self.channel_axis, scale), bias, scale
 
     def call(self, inputs, training=None):
-        kernel, bias = self.quantized_kernel_and_bias()
-        layer = self.layer
-        if isinstance(layer, keras.layers.Dense):
-            outputs = ops.matmul(inputs, kernel)
-        elif isinstance(layer, keras.layers.DepthwiseConv2D):
-            outputs = ops.depthwise_conv(
-                inputs,
-                kernel,
-                strides=layer.strides,
-                padding=layer.padding,
-                dilation_rate=layer.dilation_rate,
-                data_format=layer.data_format,
+        kernel, bias, scale = self._quantized_kernel_bias_scale()
+        input_range = self.__dict__.get("_input_range")
+        stored_range = (self.__dict__.get("_stored_range") if self.logit_range is None
+                        else self.logit_range)  # fmt: skip
+        if training or scale is None or input_range is None or stored_range is None:
+            outputs = self._float_outputs(inputs, kernel, bias)
+        else:  # the int8 kernels' arithmetic, once both grids are set
+            ready = tf.logical_and(input_range.initialized > 0, stored_range.initialized > 0)
+            outputs = tf.cond(
+                tf.logical_and(ready, _scale_of(stored_range) > 0),
+                lambda: self._integer_outputs(inputs, kernel, bias, scale, input_range,
+                                              stored_range),  # fmt: skip
+                lambda: self._float_outputs(inputs, kernel, bias),
             )
-        else:
-            outputs = layer.convolution_op(inputs, kernel)
-        if bias is not None:
-            outputs = ops.add(outputs, bias)
         if self.logit_range is not None:
             outputs = self.logit_range(outputs, training=training)
-        outputs = layer.activation(outputs)
+        outputs = self.layer.activation(outputs)
         if self.logit_range is not None and not self.float_weights:
             # LOGISTIC / SOFTMAX write int8 with scale 1/256, zero point -128: [0, 255/256].
             outputs = tf.quantization.fake_quant_with_min_max_args(
@@ -331,6 +381,48 @@ class QuantizedLayer(keras.layers.Layer):
         if self.output_range is not None:
             outputs = self.output_range(outputs, training=training)
         return outputs
+
+    def _op(self, inputs, kernel):
+        layer = self.layer
+        if isinstance(layer, keras.layers.Dense):
+            return ops.matmul(inputs, kernel)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            return ops.depthwise_conv(
+                inputs, kernel, strides=layer.strides, padding=layer.padding,
+                dilation_rate=layer.dilation_rate, data_format=layer.data_format,
+            )  # fmt: skip
+        return layer.convolution_op(inputs, kernel)
+
+    def _float_outputs(self, inputs, kernel, bias):
+        outputs = self._op(inputs, kernel)
+        return outputs if bias is None else ops.add(outputs, bias)
+
+    def _integer_outputs(self, inputs, kernel, bias, scale, input_range, stored_range):
+        """The output as TFLite's int8 kernels compute it: the int32 accumulator of int8
+        codes (exact in float32 below 2^24) requantized in fixed point
+        (`requantize_fixed_point`) onto ``stored_range``; no gradient.
+
+        An all-zero output channel (weight scale 0) is what the converter makes of it:
+        the bias as +-2^30 int32 steps of a weight scale chosen to fit (|bias| / (input
+        scale x 2^30)), so the output is the bias requantized.
+        """
+        input_scale, out_scale = _scale_of(input_range), _scale_of(stored_range)
+        weight_scale = ops.reshape(scale, (-1,))
+        safe = ops.where(scale > 0, scale, ops.ones_like(scale))
+        codes = ops.round(kernel / safe)
+        accumulator = self._op(ops.round(inputs / input_scale), codes)
+        if bias is not None:
+            dead = weight_scale == 0
+            step = input_scale * weight_scale  # the int32 bias's scale
+            steps = ops.round(bias / ops.where(dead, ops.ones_like(step), step))
+            accumulator += ops.where(dead, ops.sign(bias) * 2.0**30, steps)
+            weight_scale = ops.where(dead, ops.abs(bias) / (input_scale * 2.0**30),
+                                     weight_scale)  # fmt: skip
+        multiplier = tf.cast(input_scale, tf.float64) * tf.cast(weight_scale, tf.float64)
+        outputs = requantize_fixed_point(
+            accumulator, multiplier / tf.cast(out_scale, tf.float64), out_scale
+        )
+        return tf.stop_gradient(outputs)
 
 
 class InferenceBatchNorm(keras.layers.Layer):

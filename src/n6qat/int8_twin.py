@@ -7,12 +7,19 @@ Dense run on fake-quantized kernels, with a BatchNormalization folded in where t
 converter folds it (`n6qat.folding`) and on its moving statistics elsewhere, and with
 activation simulation every tensor the converter stores as int8 is fake-quantized on
 ranges calibrated as the converter calibrates, and every bias is rounded to the int32
-steps the converter stores it in (input scale x weight scale). Training the twin trains the original
-model, which keeps its plain architecture and is what gets saved and converted.
+steps the converter stores it in (input scale x weight scale). Outside training (the
+scoring and gating simulation), each conv / dense output is then computed as TFLite's
+built-in int8 kernels compute it: int32 accumulator, fixed-point requantization with its
+two roundings (`n6qat.fake_quant.requantize_fixed_point`); the train step keeps one
+rounding of the float output, a difference of one step on a few values. Training the
+twin trains the original model, which keeps its plain architecture and is what gets
+saved and converted.
 
 Not handled yet (run in float by the twin, though the converter quantizes them):
 Conv2D etc. nested inside custom layers (e.g. a custom frontend layer),
-SeparableConv2D, Conv1D, Conv2DTranspose.
+SeparableConv2D, Conv1D, Conv2DTranspose. Simulated with one rounding, not the kernels'
+fixed-point arithmetic: ADD, MEAN / AVERAGE_POOL_2D, LOGISTIC, and a weight scale the
+converter enlarges so that a bias fits int32 (other than an all-zero channel's).
 """
 
 from __future__ import annotations
@@ -184,7 +191,7 @@ def build_qat_model(
 
     twin = keras.models.clone_model(model, clone_function=twin_layer, recursive=True)
     if simulate_activations:
-        _link_bias_grids(twin)
+        _link_int8_grids(twin)
     return twin
 
 
@@ -216,19 +223,55 @@ def _output_range(layer, producers: dict) -> ActivationRange | None:
         layer = producers[id(layer)]
 
 
-def _link_bias_grids(twin: keras.Model) -> None:
-    """Give every weight layer the range of its input, so that its bias is simulated on
-    the converter's int32 grid (`n6qat.fake_quant.ActivationRange.quantized_bias`)."""
+_FUSED_ACTIVATIONS = (keras.activations.linear, keras.activations.relu, keras.activations.relu6)
+"""Activations of a weight layer that the converter fuses into its op."""
+
+
+def _stored_range(weights: QuantizedLayer, layer, consumers: dict) -> ActivationRange | None:
+    """The range of the int8 tensor the converter stores the output of ``weights`` (the
+    graph's ``layer``, or inside it) in: its own, or that of the folded
+    BatchNormalization / ReLU the converter fuses into its op."""
+    if weights.layer.activation not in _FUSED_ACTIVATIONS:
+        return None
+    if weights.output_range is not None:
+        return weights.output_range
+    current = layer
+    while len(consumers.get(id(current), ())) == 1:
+        (current,) = consumers[id(current)]
+        if isinstance(current, QuantizedOutput) and (
+            isinstance(current.layer, FoldedAway) or current.relu_cap is not None
+        ):
+            return current.output_range
+        if not isinstance(current, FoldedAway):
+            return None
+    return None
+
+
+def _link_int8_grids(twin: keras.Model) -> None:
+    """Give every weight layer the ranges of its input and of its stored output, so that
+    its bias is simulated on the converter's int32 grid
+    (`n6qat.fake_quant.ActivationRange.quantized_bias`) and, outside training, its
+    output requantized as TFLite's kernels do (`n6qat.fake_quant.requantize_fixed_point`)."""
     models = [twin, *(layer for layer in all_layers(twin) if isinstance(layer, keras.Model))]
     for model in models:
         producers = _producers(model)
+        consumers: dict[int, list] = {}
         for layer in model.layers:
-            if isinstance(layer, QuantizedInput) and isinstance(layer.layer, QuantizedLayer):
-                layer.layer.reads_range(layer.input_range)
-            elif isinstance(layer, QuantizedLayer) and id(layer) in producers:
+            if id(layer) in producers:
+                consumers.setdefault(id(producers[id(layer)]), []).append(layer)
+        for layer in model.layers:
+            weights = layer.layer if isinstance(layer, QuantizedInput) else layer
+            if not isinstance(weights, QuantizedLayer):
+                continue
+            if weights is not layer:
+                weights.reads_range(layer.input_range)
+            elif id(layer) in producers:
                 input_range = _output_range(producers[id(layer)], producers)
                 if input_range is not None:
                     layer.reads_range(input_range)
+            stored = _stored_range(weights, layer, consumers)
+            if stored is not None:
+                weights.writes_range(stored)
 
 
 def twin_layers(qat_model: keras.Model):
