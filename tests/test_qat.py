@@ -302,6 +302,10 @@ def _relu_model() -> keras.Model:
     _randomize_batch_norms(model, np.random.default_rng(4))
     c1 = model.get_layer("c1")
     c1.set_weights([c1.get_weights()[0], np.random.default_rng(6).normal(0, 0.3, 6)])
+    c2 = model.get_layer("c2")  # channel 0 near zero: the converter enlarges its scale
+    kernel, bias = c2.get_weights()
+    kernel[..., 0] *= 1e-30
+    c2.set_weights([kernel, bias])
     return model
 
 
@@ -354,6 +358,21 @@ def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(tmp_path, monkeyp
         plain = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
         int8_twin.calibrate_activation_ranges(plain, [calibration.astype(np.float32)])
         assert sum(differing(plain)) > 0
+
+
+def test_a_layer_reading_a_range_calibration_never_moved_runs_in_float():
+    """A ReLU that is 0 on every calibration sample has no int8 grid (scale 0): the
+    layer after it keeps the float arithmetic instead of dividing by that scale."""
+    inputs = keras.Input((4, 4, 2))
+    dead = L.ReLU(name="dead")(L.Conv2D(2, 1, kernel_initializer="zeros",
+                                        bias_initializer=keras.initializers.Constant(-1.0),
+                                        name="c0")(inputs))  # fmt: skip
+    x = L.ReLU(name="r")(L.Conv2D(3, 1, bias_initializer="ones", name="c")(dead))
+    model = keras.Model(inputs, L.Dense(1, activation="sigmoid")(L.Flatten()(x)))
+    twin = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+    x = np.random.default_rng(0).normal(size=(8, 4, 4, 2)).astype(np.float32)
+    int8_twin.calibrate_activation_ranges(twin, [x])
+    assert np.isfinite(twin(x, training=False).numpy()).all()
 
 
 def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():

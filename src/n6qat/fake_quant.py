@@ -363,9 +363,13 @@ class QuantizedLayer(keras.layers.Layer):
         if training or scale is None or input_range is None or stored_range is None:
             outputs = self._float_outputs(inputs, kernel, bias)
         else:  # the int8 kernels' arithmetic, once both grids are set
-            ready = tf.logical_and(input_range.initialized > 0, stored_range.initialized > 0)
+            # A range calibration never saw move (e.g. a ReLU that is always 0) has no grid.
+            ready = tf.logical_and(
+                tf.logical_and(input_range.initialized > 0, stored_range.initialized > 0),
+                tf.logical_and(_scale_of(input_range) > 0, _scale_of(stored_range) > 0),
+            )
             outputs = tf.cond(
-                tf.logical_and(ready, _scale_of(stored_range) > 0),
+                ready,
                 lambda: self._integer_outputs(inputs, kernel, bias, scale, input_range,
                                               stored_range),  # fmt: skip
                 lambda: self._float_outputs(inputs, kernel, bias),
@@ -402,22 +406,25 @@ class QuantizedLayer(keras.layers.Layer):
         codes (exact in float32 below 2^24) requantized in fixed point
         (`requantize_fixed_point`) onto ``stored_range``; no gradient.
 
-        An all-zero output channel (weight scale 0) is what the converter makes of it:
-        the bias as +-2^30 int32 steps of a weight scale chosen to fit (|bias| / (input
-        scale x 2^30)), so the output is the bias requantized.
+        A bias over 2^30 int32 steps (an all-zero or near-zero channel: weight scale 0
+        or tiny) is what the converter makes of it: it enlarges the channel's weight scale
+        to |bias| / (input scale x 2^30), so the bias is +-2^30 steps, and re-rounds the
+        weights on it.
         """
         input_scale, out_scale = _scale_of(input_range), _scale_of(stored_range)
         weight_scale = ops.reshape(scale, (-1,))
-        safe = ops.where(scale > 0, scale, ops.ones_like(scale))
-        codes = ops.round(kernel / safe)
+        if bias is not None:
+            wide = ops.abs(bias) > input_scale * weight_scale * 2.0**30
+            fitted = ops.abs(bias) / (input_scale * 2.0**30)
+            weight_scale = ops.where(wide, fitted, weight_scale)
+        scale_shaped = ops.reshape(weight_scale, scale.shape)
+        safe = ops.where(scale_shaped > 0, scale_shaped, ops.ones_like(scale_shaped))
+        codes = ops.clip(ops.round(kernel / safe), -WEIGHT_QMAX, WEIGHT_QMAX)
         accumulator = self._op(ops.round(inputs / input_scale), codes)
         if bias is not None:
-            dead = weight_scale == 0
             step = input_scale * weight_scale  # the int32 bias's scale
-            steps = ops.round(bias / ops.where(dead, ops.ones_like(step), step))
-            accumulator += ops.where(dead, ops.sign(bias) * 2.0**30, steps)
-            weight_scale = ops.where(dead, ops.abs(bias) / (input_scale * 2.0**30),
-                                     weight_scale)  # fmt: skip
+            steps = ops.round(bias / ops.where(step > 0, step, ops.ones_like(step)))
+            accumulator += ops.where(wide, ops.sign(bias) * 2.0**30, steps)
         multiplier = tf.cast(input_scale, tf.float64) * tf.cast(weight_scale, tf.float64)
         outputs = requantize_fixed_point(
             accumulator, multiplier / tf.cast(out_scale, tf.float64), out_scale
