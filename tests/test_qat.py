@@ -309,7 +309,9 @@ def _relu_model() -> keras.Model:
     return model
 
 
-def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(per_channel, tmp_path,
+                                                               monkeypatch):  # fmt: skip
     """Outside training, every conv output the twin stores as int8 is the value TFLite's
     built-in kernels compute (fixed-point requantization, two roundings), constant
     (silent) inputs included; one plain rounding of the float output is not."""
@@ -318,10 +320,11 @@ def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(tmp_path, monkeyp
     model = _relu_model()
     rng = np.random.default_rng(7)  # the samples _convert calibrates on
     calibration = np.concatenate([rng.normal(size=(1, 8, 8, 3)) for _ in range(4)])
-    twin = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+    twin = int8_twin.build_qat_model(model, per_channel, simulate_activations=True)
     int8_twin.calibrate_activation_ranges(twin, [calibration.astype(np.float32)])
     model.save(tmp_path / "model.keras")
-    flatbuffer = _convert(keras.saving.load_model(tmp_path / "model.keras"), True, (8, 8, 3))
+    flatbuffer = _convert(keras.saving.load_model(tmp_path / "model.keras"), per_channel,
+                          (8, 8, 3))
     interpreter = load_interpreter(flatbuffer, preserve_all_tensors=True)
     convs = [op["outputs"][0] for op in interpreter._get_ops_details()
              if op["op_name"] == "CONV_2D"]  # fmt: skip
@@ -355,7 +358,7 @@ def test_simulated_conv_outputs_equal_the_builtin_int8_kernels(tmp_path, monkeyp
         patch.setattr(fake_quant.QuantizedLayer, "_integer_outputs",
                       lambda self, inputs, kernel, bias, *_: self._float_outputs(
                           inputs, kernel, bias))  # fmt: skip
-        plain = int8_twin.build_qat_model(model, per_channel=True, simulate_activations=True)
+        plain = int8_twin.build_qat_model(model, per_channel, simulate_activations=True)
         int8_twin.calibrate_activation_ranges(plain, [calibration.astype(np.float32)])
         assert sum(differing(plain)) > 0
 

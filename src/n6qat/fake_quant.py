@@ -406,14 +406,15 @@ class QuantizedLayer(keras.layers.Layer):
         codes (exact in float32 below 2^24) requantized in fixed point
         (`requantize_fixed_point`) onto ``stored_range``; no gradient.
 
-        A bias over 2^30 int32 steps (an all-zero or near-zero channel: weight scale 0
-        or tiny) is what the converter makes of it: it enlarges the channel's weight scale
-        to |bias| / (input scale x 2^30), so the bias is +-2^30 steps, and re-rounds the
-        weights on it.
+        With per-channel weights, a bias over 2^30 int32 steps (an all-zero or near-zero
+        channel: weight scale 0 or tiny) is what the converter makes of it: it enlarges
+        the channel's weight scale to |bias| / (input scale x 2^30), so the bias is
+        +-2^30 steps, and re-rounds the weights on it.
         """
         input_scale, out_scale = _scale_of(input_range), _scale_of(stored_range)
         weight_scale = ops.reshape(scale, (-1,))
-        if bias is not None:
+        wide = None
+        if bias is not None and self.channel_axis is not None:  # per channel
             wide = ops.abs(bias) > input_scale * weight_scale * 2.0**30
             fitted = ops.abs(bias) / (input_scale * 2.0**30)
             weight_scale = ops.where(wide, fitted, weight_scale)
@@ -424,7 +425,8 @@ class QuantizedLayer(keras.layers.Layer):
         if bias is not None:
             step = input_scale * weight_scale  # the int32 bias's scale
             steps = ops.round(bias / ops.where(step > 0, step, ops.ones_like(step)))
-            accumulator += ops.where(wide, ops.sign(bias) * 2.0**30, steps)
+            accumulator += steps if wide is None else ops.where(wide, ops.sign(bias) * 2.0**30,
+                                                                steps)  # fmt: skip
         multiplier = tf.cast(input_scale, tf.float64) * tf.cast(weight_scale, tf.float64)
         outputs = requantize_fixed_point(
             accumulator, multiplier / tf.cast(out_scale, tf.float64), out_scale

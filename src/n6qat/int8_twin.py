@@ -18,8 +18,9 @@ saved and converted.
 Not handled yet (run in float by the twin, though the converter quantizes them):
 Conv2D etc. nested inside custom layers (e.g. a custom frontend layer),
 SeparableConv2D, Conv1D, Conv2DTranspose. Simulated with one rounding, not the kernels'
-fixed-point arithmetic: ADD, MEAN / AVERAGE_POOL_2D, LOGISTIC, and a weight scale the
-converter enlarges so that a bias fits int32 (other than an all-zero channel's).
+fixed-point arithmetic: ADD, MEAN / AVERAGE_POOL_2D, LOGISTIC. The train step quantizes
+a near-zero channel, whose weight scale the converter enlarges so that its bias fits
+int32, on the scale before that (the simulation outside training uses the enlarged one).
 """
 
 from __future__ import annotations
