@@ -57,19 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     ranges = [q for q in twin_layers(twin) if isinstance(q, ActivationRange)]
 
     seen: dict[str, np.ndarray] = {}
-    original_call = ActivationRange.call
+    original_call, original_after_relu = ActivationRange.call, ActivationRange.after_relu
 
-    original_after_relu = ActivationRange.after_relu
+    def recording(method):  # a range's int8 output, by name (after_relu: fused in its ReLU)
+        def record(self, *args, **kwargs):
+            seen[self.name] = np.asarray(out := method(self, *args, **kwargs))
+            return out
 
-    def recording_call(self, inputs, training=None):
-        out = original_call(self, inputs, training=training)
-        seen[self.name] = np.asarray(out)
-        return out
-
-    def recording_after_relu(self, inputs, relu, cap, training=None):
-        out = original_after_relu(self, inputs, relu, cap, training=training)
-        seen[self.name] = np.asarray(out)
-        return out
+        return record
 
     interpreter = load_interpreter(  # the kernels the gate runs
         convert_int8(model, calibration, config["convert"]["per_channel"]),
@@ -96,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return next((d for d in same_scale if d["name"].startswith("tfl.quantize")), None)
         return None
 
-    ActivationRange.call = recording_call
-    ActivationRange.after_relu = recording_after_relu
+    ActivationRange.call = recording(original_call)
+    ActivationRange.after_relu = recording(original_after_relu)
     try:
         twin(x[:1], training=False)  # the shapes of the twin's int8 tensors
         matched = {q.name: tensor_of(q) for q in ranges}

@@ -232,6 +232,14 @@ class ActivationRange(keras.layers.Layer):
             lambda: self(relu(inputs), training=training),
         )
 
+    def scale(self):
+        """The int8 step of this tensor: (range_max - range_min) / 255, as TFLite's."""
+        return (self.range_max - self.range_min) / 255.0
+
+    def has_grid(self):
+        """Whether calibration set a range wider than zero (a tensor always 0 has none)."""
+        return ops.logical_and(self.initialized > 0, self.scale() > 0)
+
     def quantized_bias(self, bias, weight_scale):
         """``bias`` of a layer that reads this tensor, on the converter's int32 grid: steps
         of (this tensor's scale) x (the layer's weight scale, per output channel), rounded
@@ -241,7 +249,7 @@ class ActivationRange(keras.layers.Layer):
         its channel alike: on a constant input (silence) a whole tensor can land one step
         off, and the layers after it magnify that.
         """
-        step = (self.range_max - self.range_min) / 255.0 * ops.reshape(weight_scale, (-1,))
+        step = self.scale() * ops.reshape(weight_scale, (-1,))
         valid = ops.logical_and(step > 0, self.initialized > 0)
         safe = ops.where(valid, step, ops.ones_like(step))
         quantized = ops.where(valid, _round_half_away_from_zero(bias / safe) * safe, bias)
@@ -287,10 +295,6 @@ def requantize_fixed_point(accumulator, multiplier, output_scale):
     high = tf.floor(tf.cast(accumulator, f64) * factor + 0.5)
     steps = tf.floor(high * two ** tf.minimum(exponent, 0.0) + 0.5)
     return tf.cast(steps, tf.float32) * output_scale
-
-
-def _scale_of(quantizer: ActivationRange):
-    return (quantizer.range_max - quantizer.range_min) / 255.0
 
 
 class QuantizedLayer(keras.layers.Layer):
@@ -363,13 +367,8 @@ class QuantizedLayer(keras.layers.Layer):
         if training or scale is None or input_range is None or stored_range is None:
             outputs = self._float_outputs(inputs, kernel, bias)
         else:  # the int8 kernels' arithmetic, once both grids are set
-            # A range calibration never saw move (e.g. a ReLU that is always 0) has no grid.
-            ready = tf.logical_and(
-                tf.logical_and(input_range.initialized > 0, stored_range.initialized > 0),
-                tf.logical_and(_scale_of(input_range) > 0, _scale_of(stored_range) > 0),
-            )
             outputs = tf.cond(
-                ready,
+                tf.logical_and(input_range.has_grid(), stored_range.has_grid()),
                 lambda: self._integer_outputs(inputs, kernel, bias, scale, input_range,
                                               stored_range),  # fmt: skip
                 lambda: self._float_outputs(inputs, kernel, bias),
@@ -411,7 +410,7 @@ class QuantizedLayer(keras.layers.Layer):
         the channel's weight scale to |bias| / (input scale x 2^30), so the bias is
         +-2^30 steps, and re-rounds the weights on it.
         """
-        input_scale, out_scale = _scale_of(input_range), _scale_of(stored_range)
+        input_scale, out_scale = input_range.scale(), stored_range.scale()
         weight_scale = ops.reshape(scale, (-1,))
         wide = None
         if bias is not None and self.channel_axis is not None:  # per channel
