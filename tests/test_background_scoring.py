@@ -49,22 +49,24 @@ def test_the_worker_scores_and_raises_its_errors_in_the_caller():
         # Still serving after an error.
         assert scorer.submit(model.get_weights()).result() == metrics
         worker = scorer._process
-    assert worker.poll() is not None  # closed with the scorer
+    assert worker.poll() == 0  # closed with the scorer
 
 
 def test_the_worker_ends_when_the_training_process_is_killed(tmp_path):
+    """...and leaves no temporary folder behind (it deletes its inputs once read)."""
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_background_scoring import _scorer
         _, scorer = _scorer()
-        print(scorer._process.pid, flush=True)
+        print(scorer._folder.name, scorer._process.pid, flush=True)
         os._exit(0)  # no clean-up, as after SIGKILL
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, cwd=tmp_path, timeout=120).stdout  # fmt: skip
-    pid = int(out.split()[-1])
+    folder, pid = out.split()[-2], int(out.split()[-1])
     deadline = time.monotonic() + 60
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(pid)
+    assert not os.path.exists(folder)

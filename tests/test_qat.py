@@ -378,6 +378,33 @@ def test_a_layer_reading_a_range_calibration_never_moved_runs_in_float():
     assert np.isfinite(twin(x, training=False).numpy()).all()
 
 
+def test_planned_branches_give_the_cond_graphs_values_and_follow_the_ranges():
+    """`n6qat.model.predict` traces an INT8 twin with the branches its current ranges
+    take (no tf.cond): the same values as the cond graph, and a new trace once a
+    recalibration flips a branch (here: a ReLU that was always 0 gets a grid)."""
+    from n6qat.model import predict
+
+    inputs = keras.Input((4, 4, 2))
+    c0 = L.Conv2D(2, 1, kernel_initializer="zeros",
+                  bias_initializer=keras.initializers.Constant(-1.0), name="c0")  # fmt: skip
+    x = L.ReLU(name="r")(L.Conv2D(3, 1, bias_initializer="ones", name="c")(L.ReLU()(c0(inputs))))
+    x = L.ReLU(max_value=6.0, name="after_add")(L.Add()([x, L.Conv2D(3, 1, name="d")(inputs)]))
+    model = keras.Model(inputs, L.Dense(2, activation="sigmoid")(L.Flatten()(x)))
+    x = np.random.default_rng(0).normal(size=(40, 4, 4, 2)).astype(np.float32)
+    twin = int8_twin.simulated_int8(model, x, per_channel=True, batch_size=16)
+    with_cond = tf.function(lambda batch: twin(batch, training=False))
+
+    first = fake_quant.branch_plan(twin)
+    assert False in first and True in first  # "c" reads the dead ReLU: float arithmetic
+    np.testing.assert_array_equal(predict(twin, x), with_cond(x).numpy())
+    c0.kernel.assign(np.random.default_rng(1).normal(size=(1, 1, 2, 2)))
+    c0.bias.assign([0.1, 0.0])
+    int8_twin.recalibrate(twin)
+    assert fake_quant.branch_plan(twin) != first
+    np.testing.assert_array_equal(predict(twin, x), with_cond(x).numpy())
+    assert len(twin.__dict__["_n6qat_predict_functions"]) == 2
+
+
 def test_fake_quantization_is_bit_identical_in_graph_and_passes_gradients():
     kernel = tf.Variable(np.random.default_rng(2).normal(size=(3, 3, 4, 5)).astype(np.float32))
     eager = fake_quant.fake_quantize_weights(kernel, 3)

@@ -7,17 +7,20 @@ long as a train epoch, and the train step leaves the second core mostly idle. A
 ``python -m`` (forking a process that runs TensorFlow is not safe, and multiprocessing's
 spawn would run the caller's main script again). The worker gets the model once, as a
 ``.keras`` file in a temporary folder, with the calibration set and the validation
-files, and then only each epoch's weights over a pipe. It converts exactly as the
-training process would (``convert_int8(..., signature=False)`` on the same weights and
-calibration set, on one thread), so the metrics are the same numbers (tested);
-``n6qat.fit.fit_epochs`` takes an epoch's metrics once the next epoch has trained. The
-worker ends when the pipe closes, also when the training process is killed.
+files (it deletes that folder once it has read it, so a training process killed
+with SIGKILL leaves none behind), and then only each epoch's weights over a pipe. It
+converts exactly as the training process would (``convert_int8(..., signature=False)``
+on the same weights and calibration set, on one thread), so the metrics are the same
+numbers (tested); ``n6qat.fit.fit_epochs`` takes an epoch's metrics once the next epoch
+has trained. The worker ends when the pipe closes, also when the training process is
+killed, without TensorFlow's interpreter teardown.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,7 +62,10 @@ class BackgroundScorer:
     ):
         from n6qat.model import save_model
 
-        self._folder = tempfile.TemporaryDirectory(prefix="n6qat_scoring_")
+        # The worker removes the folder once it has read it; this is the fallback.
+        self._folder = tempfile.TemporaryDirectory(
+            prefix="n6qat_scoring_", ignore_cleanup_errors=True
+        )
         self._process = None
         folder = Path(self._folder.name)
         try:
@@ -150,6 +156,7 @@ def _serve(conn: Connection) -> None:
     model = load_model(folder / "model.keras")
     calibration = np.load(folder / "calibration.npy")
     features = np.load(folder / "features.npy")
+    shutil.rmtree(folder, ignore_errors=True)  # read: nothing is left if both are killed
     while True:
         try:
             weights = conn.recv()
@@ -181,3 +188,8 @@ def _picklable(err: BaseException) -> bool:
 
 if __name__ == "__main__":
     _serve(Connection(int(sys.argv[1])))
+    # Every reply has been sent: skip the interpreter's teardown of TensorFlow (about a
+    # second that the training process would wait for in `close`).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

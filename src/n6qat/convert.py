@@ -18,6 +18,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,7 +131,9 @@ def convert_int8(
         converter._experimental_disable_per_channel = not per_channel
         return converter.convert()
 
-    with tempfile.TemporaryDirectory(prefix="n6qat_export_") as export_dir:
+    # Only the SavedModel path needs a folder (a process killed in it leaves the folder).
+    export = tempfile.TemporaryDirectory(prefix="n6qat_export_") if signature else nullcontext()
+    with export as export_dir:
         with native_stderr_captured() as captured:
             try:
                 if signature:

@@ -179,21 +179,27 @@ def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """
     import tensorflow as tf
 
+    from n6qat.fake_quant import branch_plan, planned_branches
+
     x = np.asarray(x, dtype=np.float32)
     # In __dict__: an attribute set the usual way would be tracked by Keras as model state.
     traced = model.__dict__.setdefault("_n6qat_predict_functions", {})
-    if x.shape[1:] not in traced:
+    # An INT8 twin's function is traced with the branches its current ranges take
+    # (`n6qat.fake_quant.planned_branches`): one function per shape and plan.
+    key = (x.shape[1:], branch_plan(model))
+    if key not in traced:
         spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
-        traced[x.shape[1:]] = tf.function(
+        traced[key] = tf.function(
             lambda batch: model(batch, training=False), input_signature=[spec]
         )
-    step = traced[x.shape[1:]]
+    step = traced[key]
     if len(x) == 0:
         return np.zeros((0, *model.outputs[0].shape[1:]), np.float32)
-    return np.concatenate(
-        [np.asarray(step(x[start : start + batch_size]), np.float32)
-         for start in range(0, len(x), batch_size)]
-    )  # fmt: skip
+    with planned_branches():
+        return np.concatenate(
+            [np.asarray(step(x[start : start + batch_size]), np.float32)
+             for start in range(0, len(x), batch_size)]
+        )  # fmt: skip
 
 
 def replace_head(model, n_classes: int, seed: int = 0):
