@@ -187,9 +187,7 @@ def _picklable(err: BaseException) -> bool:
 
 
 if __name__ == "__main__":
+    from n6qat.rulelog import exit_without_teardown
+
     _serve(Connection(int(sys.argv[1])))
-    # Every reply has been sent: skip the interpreter's teardown of TensorFlow (about a
-    # second that the training process would wait for in `close`).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # every reply is sent; `close` would wait for the teardown
