@@ -54,8 +54,26 @@ def rule_logging(log_path: str, quiet_tf: bool = True) -> Iterator[logging.Logge
 
 def exit_without_teardown() -> None:
     """End the process now with exit status 0, once its outputs are closed: logging and
-    stdio flushed, but not the interpreter's teardown of TensorFlow (about a second)."""
+    stdio flushed, but not the interpreter's teardown of TensorFlow (about a second).
+
+    The one exit handler that matters is done here: AutoGraph writes each function it
+    converts to a ``__autograph_generated_file*.py`` in the temporary folder and deletes
+    it at exit; skipped, every TensorFlow job would leave a few there.
+    """
+    remove_autograph_files()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def remove_autograph_files() -> None:
+    """Delete the source files AutoGraph generated in this process (its modules keep
+    their names and paths; its own exit handler would delete the same files)."""
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name.startswith("__autograph_generated_file") and path:
+            try:
+                os.remove(path)
+            except OSError:  # already gone
+                pass
