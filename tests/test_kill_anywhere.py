@@ -113,11 +113,15 @@ def run_until_killed(workdir: Path, stage: str, delay_range: float, rng: random.
     """Start the workflow, SIGKILL it at a random moment after a job of `stage` starts;
     return the rules that were running."""
     log = workdir.parent / f"round_{time.monotonic_ns()}.log"
+    # A killed job cleans nothing up: its temporary files (AutoGraph's sources, a scoring
+    # worker's folder) go to a folder of the test, not to the system's.
+    scratch = workdir.parent / "tmp"
+    scratch.mkdir(exist_ok=True)
     with log.open("w") as stream:
         proc = subprocess.Popen(
             snakemake_command(workdir, "--rerun-incomplete"), stdout=stream,
             stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(scratch)},
         )  # fmt: skip
     deadline = time.time() + 900
     while not any(in_stage(rule, stage) for rule in running_rules(log.read_text())):

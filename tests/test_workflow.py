@@ -129,7 +129,7 @@ def test_equalize_mode_feeds_ptq_and_qat_the_equalized_model(run):
     np.testing.assert_allclose(after, before, atol=1e-4)  # bounded rescaling is exact
 
 
-def test_killed_qat_run_resumes_and_keeps_the_best_epoch_across_the_kill(run):
+def test_killed_qat_run_resumes_and_keeps_the_best_epoch_across_the_kill(run, tmp_path):
     """Hard-kill the QAT job after its second epoch; the rerun resumes there, and keeps the
     same epoch and the same weights as an uninterrupted run."""
     import signal
@@ -141,8 +141,9 @@ def test_killed_qat_run_resumes_and_keeps_the_best_epoch_across_the_kill(run):
            "--directory", str(run), "--configfile", str(TINY), "--cores", "2",
            "results/model/qat.keras", "--forcerun", "qat", "--config", 'qat={"epochs": 5}']
     log.unlink(missing_ok=True)
+    # The killed job cleans nothing up: its temporary files go to the test's folder.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     deadline = time.time() + 600
     while "epoch 2 of 5" not in (log.read_text() if log.exists() else ""):
         assert proc.poll() is None and time.time() < deadline, "QAT never reached epoch 2"
